@@ -1,0 +1,1 @@
+"""Evaluation harness for scope.py: benchmark registry, loaders and metrics (issue: eval/)."""

@@ -1,0 +1,178 @@
+"""The math-answer verifier: labelled cases, hostile inputs, time bound, and oracles on the real benchmarks."""
+
+import json
+import os
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import scope
+from conftest import SHARED_BENCHMARKS
+from verifier_cases import CASES
+
+BOUND_S = 1.0
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- labelled cases
+def test_enough_cases_in_every_category():
+    assert len(CASES) >= 200
+    cats = {c for c, *_ in CASES}
+    for cat in cats:
+        labels = {e for c, _, _, e in CASES if c == cat}
+        assert labels == {True, False} or cat == "misc", f"category {cat} needs equal and not-equal cases"
+
+
+@pytest.mark.parametrize("category,pred,gold,expected", CASES, ids=[f"{c}-{i}" for i, (c, *_) in enumerate(CASES)])
+def test_labelled_case(category, pred, gold, expected):
+    got, seconds = timed(scope.is_equiv, pred, gold)
+    assert got is expected
+    assert seconds < BOUND_S
+
+
+# ---------------------------------------------------------------------------- extraction and reward
+@pytest.mark.parametrize("text,expected", [
+    ("so the answer is \\boxed{42}.", "42"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed{a{b{c}}d}", "a{b{c}}d"),
+    ("\\boxed 5 is it", "5"),
+    ("$\\boxed 5$", "5"),
+    ("\\fbox{7}", "7"),
+    ("\\boxed{}", ""),
+    ("no box here", None),
+    ("\\boxed{unbalanced", None),
+    ("\\boxed{1} and a broken \\boxed{2", None),
+    ("\\boxedx{3}", None),
+])
+def test_extract_boxed(text, expected):
+    assert scope.extract_boxed(text) == expected
+
+
+def test_reward_rules():
+    assert scope.reward("... \\boxed{\\frac12}", "0.5") == 1.0
+    assert scope.reward("... \\boxed{\\frac12}", "0.5", truncated=True) == 0.0    # cut at the length limit
+    assert scope.reward("the answer is 0.5", "0.5") == 0.0                        # no box
+    assert scope.reward("\\boxed{}", "0.5") == 0.0                                # empty box
+    assert scope.reward("\\boxed{ }", "0.5") == 0.0
+    assert scope.reward("\\boxed{0.5} no wait \\boxed{0.6}", "0.5") == 0.0        # the LAST box counts
+
+
+# ---------------------------------------------------------------------------- hostile inputs
+HOSTILE = [
+    "9^{9^{9^{9}}}",
+    "10^{10^{100}}",
+    "1000!",
+    "(10^{100})!",
+    "2^{2^{2^{2^{2^{2}}}}}",
+    "{" * 5000 + "1" + "}" * 5000,
+    "(" * 5000 + "1" + ")" * 5000,
+    "x" * 1_000_000,
+    "1" * 1_000_000,
+    "__import__('os').system('touch /tmp/scope_pwned')",
+    "exec(\"open('/tmp/scope_pwned','w')\")",
+    "lambda: __import__('os')",
+    "\x00\x00\x001",
+    "1\x00",
+    "{{{{{",
+    "}}}}",
+    "\\frac{1}{",
+    "\\sqrt[",
+    "\\boxed{1}\\boxed{2}",
+    "",
+    "\\begin{pmatrix}" + "1&" * 5000 + "1\\end{pmatrix}",
+    "1," * 100000,
+    "e^{e^{e^{e^{e^{10}}}}}",
+    "\\sin(10^{1000})",
+    "10^{-10^{100}}",
+    "\\frac{1}{0}",
+    "0^{-1}",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_inputs_are_refused_fast_and_harmless(text):
+    if os.path.exists("/tmp/scope_pwned"):
+        os.remove("/tmp/scope_pwned")
+    for pred, gold in ((text, "5"), ("5", text), (text, text[:100] + "+1")):
+        got, seconds = timed(scope.is_equiv, pred, gold)
+        assert got is False or pred == gold
+        assert seconds < BOUND_S, f"{seconds:.2f}s"
+    _, seconds = timed(scope.reward, "\\boxed{" + text + "}", "5")
+    assert seconds < BOUND_S
+    assert not os.path.exists("/tmp/scope_pwned")
+
+
+def test_time_bound_holds_in_a_worker_thread():
+    results = []
+
+    def work():
+        for text in HOSTILE[:6] + ["\\sin^2 x + \\cos^2 x"]:
+            results.append(timed(scope.is_equiv, text, "1"))
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive() and len(results) == 7
+    assert all(seconds < BOUND_S for _, seconds in results)
+    assert results[-1][0] is True                                  # the thread still verifies correctly
+
+
+LATEX_ALPHABET = list("0123456789+-*/^_{}()[]|,.=<> xyabe!") + [
+    "\\frac", "\\sqrt", "\\pi", "\\cdot", "\\left(", "\\right)", "\\{", "\\}", "\\cup", "\\infty", "\\sin",
+    "\\log", "\\text{", "\\boxed{", "\\begin{pmatrix}", "\\end{pmatrix}", "&", "\\\\", "\\%", "\\$", "^{\\circ}"]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.text(max_size=60) | st.lists(st.sampled_from(LATEX_ALPHABET), max_size=40).map("".join),
+       st.sampled_from(["1", "\\frac{1}{2}", "(1,2)", "x+1", "\\{1,2\\}", "[0,1)", "x>2"]))
+def test_fuzz_never_crashes_and_stays_bounded(text, gold):
+    got, seconds = timed(scope.is_equiv, text, gold)
+    assert isinstance(got, bool) and seconds < BOUND_S
+    got, seconds = timed(scope.reward, text, gold)
+    assert got in (0.0, 1.0) and seconds < BOUND_S
+
+
+# ---------------------------------------------------------------------------- oracles on the real benchmarks
+BENCHMARKS = ["math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench"]
+
+
+def load(name):
+    path = SHARED_BENCHMARKS / f"{name}.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the benchmark copies live in ../shared/benchmarks)")
+    return [json.loads(line) for line in path.open()]
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_gold_matches_itself_and_its_boxed_form(name):
+    for row in load(name):
+        gold = row["answer"]
+        assert scope.is_equiv(gold, gold), row["id"]
+        assert scope.reward(f"Reasoning... so the final answer is \\boxed{{{gold}}}.", gold) == 1.0, row["id"]
+
+
+def test_math500_solutions_verify_against_gold():
+    rows = load("math500")
+    ok = [scope.reward(r["solution"], r["answer"]) == 1.0 for r in rows]
+    rate = sum(ok) / len(rows)
+    print(f"MATH500 reference solutions verified: {sum(ok)}/{len(rows)} = {rate:.3f}")
+    assert rate >= 0.99, [r["id"] for r, k in zip(rows, ok) if not k]
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_another_problems_gold_is_rejected(name):
+    rows = load(name)
+    pairs = [(rows[i]["answer"], rows[(i + 1) % len(rows)]["answer"]) for i in range(len(rows))]
+    pairs = [(p, g) for p, g in pairs if p.replace(" ", "") != g.replace(" ", "")]   # identical golds are right to match
+    accepted = [(p, g) for p, g in pairs if scope.is_equiv(p, g)]
+    print(f"{name}: {len(accepted)}/{len(pairs)} shifted pairs accepted")
+    assert len(accepted) <= 0.01 * len(pairs), accepted
