@@ -18,10 +18,16 @@ Notation (SCOPE_SPEC.md section 1), all over RESPONSE tokens only:
   nll = -mean_t logp = log PPL, so a high nll means a high perplexity.
 """
 
+import dataclasses
+import hashlib
+import json
 import math
+import os
 import random
 import re
+import shutil
 import time
+from pathlib import Path
 
 import sympy
 import torch
@@ -869,3 +875,726 @@ def reward(response, gold, truncated=False):
     if answer is None or not answer.strip():
         return 0.0
     return float(is_equiv(answer, gold))
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), from n samples of which c are correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. The embedded default: a synthetic math task, a character tokenizer, tiny Qwen2 teacher and student
+# ----------------------------------------------------------------------------------------------------
+# Everything here is built locally, so `python scope.py` runs on a laptop CPU with no internet.
+TINY_LEVELS = ("add3", "add4", "add5", "frac")   # 3/4/5-term +/- chains of digits; same-denominator fractions
+
+
+def tiny_problem(rng, level):
+    """One problem: {"problem", "answer", "solution", "level"}; the solution is a chain of thought ending in \\boxed{}."""
+    if level == "frac":
+        den = rng.randint(2, 9)
+        a, b = rng.randint(1, den), rng.randint(1, den)
+        gold = sympy.Rational(a + b, den)                      # reduced gold; the model writes \frac{a+b}{den}
+        answer = str(gold.p) if gold.q == 1 else f"\\frac{{{gold.p}}}{{{gold.q}}}"
+        return {"problem": f"{a}/{den}+{b}/{den}=?", "answer": answer, "level": level,
+                "solution": f"{a}+{b}={a + b} \\boxed{{\\frac{{{a + b}}}{{{den}}}}}"}
+    n_terms = int(level[-1])
+    total = rng.randint(0, 9)
+    text, steps = str(total), []
+    for _ in range(n_terms - 1):
+        x, op = rng.randint(0, 9), rng.choice("+-")
+        if op == "-" and total - x < 0:                        # keep the running total >= 0
+            op = "+"
+        new = total + x if op == "+" else total - x
+        text += f"{op}{x}"
+        steps.append(f"{total}{op}{x}={new}")
+        total = new
+    return {"problem": f"{text}=?", "answer": str(total), "level": level,
+            "solution": "; ".join(steps) + f" \\boxed{{{total}}}"}
+
+
+def tiny_task(split, n, seed=0):
+    """Deterministic train/test problems, levels cycling; test and train streams use disjoint seeds."""
+    rng = random.Random(f"{split}-{seed}")
+    return [dict(tiny_problem(rng, TINY_LEVELS[i % len(TINY_LEVELS)]), id=f"tiny-{split}-{i}") for i in range(n)]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %} A: {% endif %}")
+
+
+def tiny_tokenizer():
+    """Character-level tokenizer (printable ASCII) wrapped as a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>"] + [chr(c) for c in range(32, 127)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@dataclasses.dataclass
+class TinyModel:
+    """Size and supervised pre-training of one tiny model (Qwen2 architecture, as the paper's students)."""
+    hidden: int
+    layers: int
+    heads: int
+    sft_steps: int
+    sft_lr: float
+    sft_batch: int = 64
+    warmup: int = 30
+    cosine: bool = False      # decay the lr to 10% over the run (after warm-up)
+
+
+TINY_TEACHER = TinyModel(hidden=192, layers=4, heads=6, sft_steps=380, sft_lr=2e-3, cosine=True)
+TINY_STUDENT = TinyModel(hidden=96, layers=3, heads=4, sft_steps=280, sft_lr=3e-3)
+
+
+def tiny_model_config(spec, tokenizer):
+    from transformers import Qwen2Config
+    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=4 * spec.hidden,
+                       num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+                       max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def prompt_text(tokenizer, problem, instruction=""):
+    """The chat-templated prompt: the problem, then the instruction (paper: "Please reason step by step...")."""
+    content = problem + (" " + instruction if instruction else "")
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def sft(model, tokenizer, rows, spec, seed, desc):
+    """Supervised training on gold solutions; loss on the answer tokens and eos only."""
+    from tqdm import tqdm
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    def lr_factor(s):
+        decay = 0.55 + 0.45 * math.cos(math.pi * s / spec.sft_steps) if spec.cosine else 1.0
+        return min(1.0, (s + 1) / spec.warmup) * decay
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    model.train()
+    for _ in tqdm(range(spec.sft_steps), desc=desc, leave=False):
+        idx = torch.randint(0, len(rows), (spec.sft_batch,), generator=g).tolist()
+        prompts = [tokenizer(prompt_text(tokenizer, rows[i]["problem"]), add_special_tokens=False)["input_ids"] for i in idx]
+        answers = [tokenizer(rows[i]["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for i in idx]
+        length = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        ids = torch.full((len(idx), length), tokenizer.pad_token_id)
+        labels = torch.full((len(idx), length), -100)
+        for r, (p, a) in enumerate(zip(prompts, answers)):
+            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[r, len(p):len(p) + len(a)] = torch.tensor(a)
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    return model
+
+
+def build_tiny_models(cache_dir, teacher=TINY_TEACHER, student=TINY_STUDENT, seed=0, log=print):
+    """Build (or reuse from cache_dir, keyed by their config) the tiny tokenizer, teacher and student.
+    Returns (student_dir, teacher_dir). Only one process builds; torchrun ranks wait on a lock file."""
+    from transformers import AutoModelForCausalLM
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(teacher), dataclasses.asdict(student), seed, TINY_LEVELS,
+                                     "tiny-v2"]).encode()).hexdigest()[:12]
+    root = Path(cache_dir) / f"tiny-{key}"
+    dirs = root / "student", root / "teacher"
+    if (root / "DONE").exists():
+        return dirs
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / "LOCK"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL)
+    except FileExistsError:                                    # another process builds: wait for it
+        while not (root / "DONE").exists():
+            time.sleep(1)
+        return dirs
+    os.close(fd)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(threads, min(2, os.cpu_count() or 1)))   # a lone process: 2 threads train ~1.7x faster
+    try:
+        tokenizer = tiny_tokenizer()
+        rows = tiny_task("train", 20000, seed)
+        for name, spec, out in (("teacher", teacher, dirs[1]), ("student", student, dirs[0])):
+            t0 = time.time()
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(tiny_model_config(spec, tokenizer))
+            sft(model, tokenizer, rows, spec, seed, f"building tiny {name}")
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            log(f"built tiny {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+                f"{spec.sft_steps} SFT steps) in {time.time() - t0:.0f}s -> {out}")
+        (root / "DONE").touch()
+    finally:
+        lock.unlink(missing_ok=True)
+        torch.set_num_threads(threads)
+    return dirs
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Rollouts: sampling with transformers generate, and token log-probs of student and teacher
+# ----------------------------------------------------------------------------------------------------
+class SeededGumbelSampler:
+    """A logits processor that makes sampling a pure function of each row's own seed.
+
+    argmax(logits + Gumbel noise) is an exact sample of softmax(logits) (the Gumbel-max trick). Drawing row i's
+    noise from its own generator, seeded by (run seed, step, prompt, rollout), makes rollout i independent of
+    the batch it shares and of the rank it runs on: one process and torchrun draw identical rollouts, and a
+    resumed run redraws exactly what the uninterrupted one drew. Noise is drawn on the CPU: fine for the tiny
+    preset; the paper preset samples with torch's own RNG (or vLLM) instead.
+    """
+
+    def __init__(self, seeds):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.gens])
+        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))   # (B, V)
+        return scores + gumbel.to(scores.device, scores.dtype)
+
+
+def row_seeds(*key_and_rows):
+    """Deterministic 63-bit seeds, one per row, from a key and per-row ids."""
+    *key, rows = key_and_rows
+    return [int.from_bytes(hashlib.sha256(repr((*key, r)).encode()).digest()[:8], "little") >> 1 for r in rows]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seeds=None,
+             return_logits=False):
+    """Sample n rollouts per prompt (rows prompt-major: row p*n + j). seeds: one per row for SeededGumbelSampler,
+    or None to sample with torch's RNG. Returns a dict of tensors on the model's device:
+      prompt_ids, prompt_mask (B*n, P) left-padded; response_ids, response_mask (B*n, T), the mask covering the
+      response up to and including the first eos; truncated (B*n,), True when no eos came within max_new_tokens;
+      sampler_logits (B*n, T, V) when return_logits (to measure the sampler-vs-trainer log-prob gap)."""
+    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    prompt_ids = enc["input_ids"].repeat_interleave(n, 0).to(device)              # (B*n, P)
+    prompt_mask = enc["attention_mask"].repeat_interleave(n, 0).to(device)        # (B*n, P)
+    common = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True, output_logits=return_logits)
+    if seeds is not None:
+        if len(seeds) != prompt_ids.shape[0]:
+            raise ValueError(f"seeds has {len(seeds)} entries, expected {prompt_ids.shape[0]} (one per rollout)")
+        procs = [TemperatureLogitsWarper(temperature)]
+        procs += [TopKLogitsWarper(top_k)] if top_k > 0 else []
+        procs += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+        cfg = GenerationConfig(do_sample=False, **common)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg,
+                             logits_processor=LogitsProcessorList(procs + [SeededGumbelSampler(seeds)]))
+    else:
+        cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg)
+    response_ids = out.sequences[:, prompt_ids.shape[1]:]                          # (B*n, T)
+    is_eos = response_ids == tokenizer.eos_token_id
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0                           # strictly after the first eos
+    response_mask = (~after_eos).long()
+    truncated = ~is_eos.any(-1)
+    if truncated.any() and response_ids.shape[1] < max_new_tokens:
+        raise RuntimeError("generate stopped before max_new_tokens without an eos")
+    result = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids * response_mask
+                  + tokenizer.pad_token_id * (1 - response_mask), response_mask=response_mask, truncated=truncated)
+    if return_logits:
+        result["sampler_logits"] = torch.stack(out.logits, dim=1)                  # (B*n, T, V) raw logits
+    return result
+
+
+def sequence_logprobs(model, batch, temperature=1.0):
+    """Token log-probs of the response tokens under `model`, from one forward pass. -> (B, T) fp32.
+    Position ids count only real tokens, so left padding does not shift positions."""
+    ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], 1)              # (B, P+T)
+    attn = torch.cat([batch["prompt_mask"], batch["response_mask"]], 1)           # (B, P+T)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    t = batch["response_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=t + 1).logits[:, :-1]  # (B, T, V)
+    return token_logprobs(logits, batch["response_ids"], temperature)
+
+
+def trim(batch):
+    """Drop the columns that are padding in every row (prompt on the left, response on the right): compute that
+    depends on padded width, and rows of one micro-batch often share shorter lengths."""
+    p0 = int((batch["prompt_mask"].sum(0) > 0).nonzero()[0]) if batch["prompt_mask"].any() else 0
+    width = max(int(batch["response_mask"].sum(-1).max()), 1)
+    out = dict(batch)
+    for k in ("prompt_ids", "prompt_mask"):
+        out[k] = batch[k][:, p0:]
+    for k in ("response_ids", "response_mask"):
+        out[k] = batch[k][:, :width]
+    return out
+
+
+def teacher_logprobs(teacher, batch, micro_batch):
+    """Teacher log-probs of the student's response tokens (no grad), in length-sorted micro-batches to skip padding.
+    A failure raises: it never becomes a number (the official client's zero-fill would give a failed rollout the
+    largest teacher weight)."""
+    keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+    order = torch.argsort(batch["response_mask"].sum(-1), descending=True)
+    parts = []
+    with torch.inference_mode():
+        for i in range(0, len(order), micro_batch):
+            idx = order[i:i + micro_batch]
+            parts.append((idx, sequence_logprobs(teacher, trim({k: batch[k][idx] for k in keys}))))
+    logp = torch.zeros(batch["response_ids"].shape, dtype=torch.float32, device=batch["response_ids"].device)
+    for idx, lp in parts:                                                          # outside inference mode
+        logp[idx, :lp.shape[1]] = lp
+    if not torch.isfinite(logp[batch["response_mask"].bool()]).all():
+        raise RuntimeError("teacher scoring returned non-finite log-probs")
+    return logp                                                                    # (B, T)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Config
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Args:
+    preset: str = "tiny"
+    """tiny: the offline embedded default (builds its own task and models); paper: the paper's models and data"""
+    method: str = "scope"
+    """scope | opd | grpo | kd"""
+    student: str = ""
+    """student model: local path or Hugging Face id; empty builds the tiny student"""
+    teacher: str = ""
+    """teacher model (must share the student's tokenizer): local path or Hugging Face id; empty builds the tiny teacher"""
+    data: str = ""
+    """training problems: a JSONL file with `problem` and `answer` fields, or a Hugging Face dataset id; empty = tiny task"""
+    instruction: str = ""
+    """text appended to every problem in the prompt"""
+    out_dir: str = "runs/scope"
+    """where metrics.jsonl, config.json and the checkpoint go"""
+    cache_dir: str = ".cache/scope"
+    """where the tiny models are built once and reused (keyed by their config)"""
+    seed: int = 0
+    """seeds data order, sampling (per prompt and rollout) and model building"""
+    steps: int = 100
+    """optimizer steps (one per batch of prompts)"""
+    prompts_per_step: int = 16
+    """prompts per step over all ranks (the global batch)"""
+    n_rollouts: int = 8
+    """rollouts per prompt (N)"""
+    micro_batch_prompts: int = 4
+    """prompt groups per forward/backward (gradient accumulation); groups are never split"""
+    max_new_tokens: int = 64
+    """response length limit; a response that reaches it is truncated and gets reward 0"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    top_k: int = 0
+    """top-k sampling (0: off)"""
+    seeded_sampling: bool = True
+    """sample with per-rollout seeds (SeededGumbelSampler: identical rollouts on any number of ranks); off: torch RNG"""
+    logprob_temperature: str = "one"
+    """one: student and teacher log-probs at T=1 (the policy pi_theta itself); sampling: student at the sampling
+    temperature, teacher at T=1 (the official code)"""
+    lr: float = 1e-3
+    """AdamW learning rate, constant (paper: 5e-5)"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """max gradient norm"""
+    tau: float = 1.0
+    """SCOPE weight temperature (eq. 4-5)"""
+    weight_norm: str = "sum"
+    """sum: weights sum to 1 per (prompt, path) (eq. 4-5); mean: they average 1 (official code)"""
+    student_weight: str = "paper"
+    """paper: w ~ PPL_S^(+1/tau) (eq. 4); reversed (released scripts); uniform (ablation)"""
+    teacher_weight: str = "paper"
+    """paper: w ~ PPL_T^(-1/tau) (eq. 5); reversed; uniform (ablation)"""
+    loss_agg: str = "paper"
+    """paper: eq. 6 token sums averaged over prompts; token: the official code's token-mean (global counts)"""
+    grpo_clip: float = 0.2
+    """GRPO PPO clip range"""
+    grpo_kl_coef: float = 1e-4
+    """GRPO KL-to-reference coefficient (k3 estimator)"""
+    kd_samples: int = 1
+    """KD: teacher samples per prompt (generated once, cached)"""
+    eval_every: int = 25
+    """evaluate on the tiny test split every this many steps (0: never)"""
+    eval_problems: int = 64
+    """test problems per evaluation"""
+    eval_k: int = 4
+    """samples per test problem (Avg@k, Pass@k)"""
+    save_every: int = 25
+    """checkpoint every this many steps (0: only at the end)"""
+    resume: bool = False
+    """continue from out_dir/checkpoint"""
+    threads: int = 1
+    """torch CPU threads per process (1 is robust when cores are shared)"""
+    dtype: str = "float32"
+    """float32 | bfloat16 for student and teacher weights"""
+    log_sampler_gap: bool = True
+    """log the mean |sampler - trainer| log-prob gap (keeps the sampler's logits: small vocabularies only)"""
+    tiny_teacher_steps: int = TINY_TEACHER.sft_steps
+    """SFT steps of the tiny teacher"""
+    tiny_student_steps: int = TINY_STUDENT.sft_steps
+    """SFT steps of the tiny student"""
+
+
+PRESETS = {
+    "tiny": {},
+    # SCOPE_SPEC.md section 8: 256 prompts x 8 rollouts, one update per batch, lr 5e-5 constant, wd 0.01, T 0.6.
+    "paper": dict(student="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", teacher="Skywork/Skywork-OR1-7B",
+                  data="zwhe99/DeepMath-103K", instruction="Please reason step by step, and put your final answer "
+                  "within \\boxed{}.", prompts_per_step=256, micro_batch_prompts=1, max_new_tokens=12288,
+                  temperature=0.6, lr=5e-5, steps=500, seeded_sampling=False, eval_every=0, save_every=20,
+                  dtype="bfloat16", log_sampler_gap=False, cache_dir=""),
+}
+
+
+def field_docs(cls):
+    """{field: the docstring written under it}, read from the class source (so --help is the dataclass)."""
+    import ast
+    import inspect
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def parse_args(argv=None):
+    import argparse
+    docs = field_docs(Args)
+    p = argparse.ArgumentParser(description="SCOPE training (one process or torchrun)")
+    for f in dataclasses.fields(Args):
+        kind = {bool: lambda s: s.lower() in ("1", "true", "yes"), int: int, float: float}.get(f.type, str)
+        p.add_argument(f"--{f.name}", type=kind, default=None, help=f"{docs.get(f.name, '')} (default: {f.default})")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    preset = given.get("preset", "tiny")
+    if preset not in PRESETS:
+        p.error(f"--preset must be one of {list(PRESETS)}")
+    args = Args(**{**PRESETS[preset], **given})
+    _check_option("method", args.method, ("scope", "opd", "grpo", "kd"))
+    _check_option("logprob_temperature", args.logprob_temperature, ("one", "sampling"))
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. Training: one code path for one process and for torchrun (gloo on CPU, NCCL on GPU)
+# ----------------------------------------------------------------------------------------------------
+def load_model(name, what, dtype=None, device="cpu"):
+    """A causal LM (dtype given) or its tokenizer (dtype None), with a clear error when it cannot be reached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+    try:
+        if dtype is None:
+            return _load_tokenizer(name, AutoTokenizer, PreTrainedTokenizerFast)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
+    except OSError as e:
+        raise SystemExit(f"cannot load the {what} model {name!r}: {e}\nOffline? Download it elsewhere and pass a "
+                         f"local path with --{what}.") from None
+
+
+def _load_tokenizer(name, auto, fast):
+    """transformers 5's AutoTokenizer picks the class of config.json's model_type (Qwen2Tokenizer) over the saved
+    generic tokenizer class, and that class rebuilds a byte-level pipeline that drops the tiny tokenizer's spaces.
+    A tokenizer saved as a generic one is therefore loaded as one."""
+    cfg = Path(name) / "tokenizer_config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return fast.from_pretrained(name)
+    return auto.from_pretrained(name)
+
+
+def load_problems(data, rows_if_empty):
+    """Training problems: tiny task, a local JSONL (problem, answer), or a Hugging Face dataset id."""
+    if not data:
+        return rows_if_empty
+    path = Path(data)
+    if path.exists():
+        rows = []
+        for i, line in enumerate(path.open(), 1):
+            if line.strip():
+                row = json.loads(line)
+                for field in ("problem", "answer"):
+                    if not isinstance(row.get(field), str):
+                        raise SystemExit(f"{path}:{i}: field {field!r} is missing or not a string")
+                rows.append(row)
+        return rows
+    try:
+        import datasets
+        ds = datasets.load_dataset(data, split="train")
+    except Exception as e:  # ImportError, or no network
+        raise SystemExit(f"cannot load training data {data!r} ({type(e).__name__}: {e}). Offline? Pass a local "
+                         f"JSONL with 'problem' and 'answer' fields, e.g. --data ../shared/benchmarks/"
+                         f"deepmath_train_sample.jsonl") from None
+    cols = ("question", "final_answer") if "question" in ds.column_names else ("problem", "answer")
+    return [{"id": str(i), "problem": r[cols[0]], "answer": str(r[cols[1]])} for i, r in enumerate(ds)]
+
+
+def step_prompts(step, n_rows, per_step, seed):
+    """Global prompt indices of a step: epoch-wise permutations of the data, so step s is known without state."""
+    out = []
+    for j in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(j, n_rows)
+        out.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))[pos].item())
+    return out
+
+
+def evaluate(model, tokenizer, rows, k, args, seed_key):
+    """Avg@k and unbiased Pass@k per tiny level and overall, sampling like training."""
+    per_level = {}
+    for start in range(0, len(rows), 16):
+        chunk = rows[start:start + 16]
+        prompts = [prompt_text(tokenizer, r["problem"], args.instruction) for r in chunk]
+        seeds = row_seeds(seed_key, range(start * k, (start + len(chunk)) * k)) if args.seeded_sampling else None
+        b = generate(model, tokenizer, prompts, k, args.max_new_tokens, args.temperature, args.top_p, args.top_k, seeds)
+        texts = tokenizer.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
+        for i, r in enumerate(chunk):
+            c = sum(reward(texts[i * k + j], r["answer"], bool(b["truncated"][i * k + j])) for j in range(k))
+            per_level.setdefault(r.get("level", "all"), []).append(int(c))
+    out = {}
+    for level, cs in sorted(per_level.items()) + [("all", [c for cs in per_level.values() for c in cs])]:
+        out[f"eval/{level}/avg@{k}"] = sum(cs) / (k * len(cs))
+        out[f"eval/{level}/pass@{k}"] = sum(pass_at_k(k, c, k) for c in cs) / len(cs)
+    return out
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def save_checkpoint(out, step, model, tokenizer, opt, args, rank, world, dist):
+    """Atomic: everything goes to checkpoint.tmp, which then replaces checkpoint in one rename."""
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world > 1:
+        dist.barrier()
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")             # every rank's RNG state
+    if rank == 0:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, "config": dataclasses.asdict(args)}))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+
+
+def latest_checkpoint(out):
+    for d in (out / "checkpoint", out / "checkpoint.old"):           # .old survives a crash mid-rename
+        if (d / "state.json").exists():
+            return d
+    return None
+
+
+def train(args):
+    """The SCOPE loop: sample N rollouts per prompt, verify, score with the teacher, one weighted update."""
+    import copy
+    import torch.distributed as dist
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+
+    # -- setup: ranks, seeds, output
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    else:
+        rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    master = rank == 0
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    out = Path(args.out_dir)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print("config:\n" + "\n".join(f"  {k:22s} {v}" for k, v in dataclasses.asdict(args).items()), flush=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+    say = print if master else (lambda *a, **k: None)
+
+    # -- models: the tiny ones are built once (rank 0; the other ranks wait on its lock) and cached
+    student_name, teacher_name = args.student, args.teacher
+    if not student_name or not teacher_name:
+        tiny = build_tiny_models(args.cache_dir, dataclasses.replace(TINY_TEACHER, sft_steps=args.tiny_teacher_steps),
+                                 dataclasses.replace(TINY_STUDENT, sft_steps=args.tiny_student_steps), log=say)
+        student_name, teacher_name = student_name or str(tiny[0]), teacher_name or str(tiny[1])
+    ckpt = latest_checkpoint(out) if args.resume else None
+    tokenizer = load_model(student_name, "student")
+    student = load_model(str(ckpt) if ckpt else student_name, "student", args.dtype, device)
+    teacher = load_model(teacher_name, "teacher", args.dtype, device) if args.method in ("scope", "opd", "kd") else None
+    if teacher is not None:
+        if load_model(teacher_name, "teacher").get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"student {student_name} and teacher {teacher_name} do not share a tokenizer: the "
+                             "teacher must score the student's own token ids")
+    ref = copy.deepcopy(student).eval() if args.method == "grpo" and args.grpo_kl_coef > 0 else None
+    if ckpt is not None and ref is not None:
+        ref = load_model(student_name, "student", args.dtype, device)   # the reference is the initial policy
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start = 0
+    if ckpt is not None:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+        state = json.loads((ckpt / "state.json").read_text())
+        start = state["step"]
+        rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        say(f"resumed from {ckpt} at step {start}")
+    if world > 1:                                                    # identical starting weights on every rank
+        for p in student.parameters():
+            dist.broadcast(p.data, 0)
+    metrics_path = out / "metrics.jsonl"
+    if master:                                                       # drop lines the checkpoint does not cover
+        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] \
+            if metrics_path.exists() and start > 0 else []
+        metrics_path.write_text("".join(l + "\n" for l in kept))
+
+    rows = load_problems(args.data, tiny_task("train", 20000, args.seed))
+    test_rows = tiny_task("test", args.eval_problems, args.seed) if args.eval_every else []
+    lp_temp = args.temperature if args.logprob_temperature == "sampling" else 1.0
+    kd_cache = {}
+
+    # -- the loop
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.method}", disable=not master)
+    for step in bar:
+        t = {}
+        global_idx = step_prompts(step, len(rows), args.prompts_per_step, args.seed)
+        my = list(range(rank, len(global_idx), world))               # positions in the global batch
+        prompts = [prompt_text(tokenizer, rows[global_idx[j]]["problem"], args.instruction) for j in my]
+        golds = [rows[global_idx[j]]["answer"] for j in my]
+
+        # 1. rollouts: the student samples N per prompt (KD: the teacher's cached samples instead)
+        t0 = time.time()
+        if args.method == "kd":
+            n = args.kd_samples
+            missing = [j for j in my if global_idx[j] not in kd_cache]
+            if missing:
+                b = generate(teacher, tokenizer, [prompt_text(tokenizer, rows[global_idx[j]]["problem"], args.instruction)
+                             for j in missing], n, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                             row_seeds(args.seed, "kd", [(global_idx[j], i) for j in missing for i in range(n)])
+                             if args.seeded_sampling else None)
+                for q, j in enumerate(missing):
+                    kd_cache[global_idx[j]] = {k: v[q * n:(q + 1) * n].cpu() for k, v in b.items()}
+            parts = [kd_cache[global_idx[j]] for j in my]
+            batch = {k: _pad_cat([p[k] for p in parts], k, tokenizer.pad_token_id).to(device) for k in parts[0]}
+        else:
+            n = args.n_rollouts
+            seeds = row_seeds(args.seed, step, [(j, i) for j in my for i in range(n)]) if args.seeded_sampling else None
+            batch = generate(student, tokenizer, prompts, n, args.max_new_tokens, args.temperature, args.top_p,
+                             args.top_k, seeds, return_logits=args.log_sampler_gap)
+        sampler_logits = batch.pop("sampler_logits", None)
+        t["time/generate"] = time.time() - t0
+
+        # 2. verify: R_i in {0, 1}
+        t0 = time.time()
+        texts = tokenizer.batch_decode(batch["response_ids"] * batch["response_mask"], skip_special_tokens=True)
+        rewards = torch.tensor([reward(texts[i], golds[i // n], bool(batch["truncated"][i])) for i in range(len(texts))],
+                               device=device)                        # (B*n,)
+        group_ids = torch.tensor(my, device=device).repeat_interleave(n)  # (B*n,) one id per global prompt
+        t["time/verify"] = time.time() - t0
+
+        # 3. teacher log-probs T_it of the sampled tokens (no grad); GRPO: reference log-probs
+        t0 = time.time()
+        mb = args.micro_batch_prompts * n
+        logp_teacher = teacher_logprobs(teacher, batch, mb) if args.method in ("scope", "opd") else None
+        logp_ref = teacher_logprobs(ref, batch, mb) if ref is not None else None
+        t["time/score"] = time.time() - t0
+
+        # 4. one update: every normaliser is a count over the GLOBAL batch (all ranks), so the summed gradient of
+        #    the micro-batches, all-reduced over ranks, is the gradient of the full batch (README: normalisation)
+        t0 = time.time()
+        counts = batch_counts(batch["response_mask"], rewards, group_ids)
+        if world > 1:
+            c = torch.tensor(list(counts.values()), dtype=torch.float64)
+            dist.all_reduce(c)
+            counts = dict(zip(counts, c.tolist()))
+        advantages = grpo_advantages(rewards, group_ids) if args.method == "grpo" else None
+        student.train()
+        opt.zero_grad(set_to_none=True)
+        logs, gap, nll = [], [], []
+        for i in range(0, rewards.shape[0], mb):                      # whole prompt groups per micro-batch
+            sl = slice(i, i + mb)
+            part = trim({k: v[sl] for k, v in batch.items() if k != "truncated"})
+            logp = sequence_logprobs(student, part, lp_temp)          # (b, t) s_it, with grad
+            logp_old = logp.detach()                                  # o_it: one update per batch, theta = theta_old
+            mask, r, g, width = part["response_mask"], rewards[sl], group_ids[sl], logp.shape[1]
+            if args.method == "scope":
+                lp_t = logp_teacher[sl, :width]                       # (b, t) T_it
+                w = scope_weights(logp_old, lp_t, mask, g, r, args.tau, args.weight_norm, args.student_weight,
+                                  args.teacher_weight)
+                loss, m = scope_loss(logp, logp_old, lp_t, mask, r, w, g, args.loss_agg, counts)
+            elif args.method == "opd":
+                loss, m = opd_loss(logp, logp_old, logp_teacher[sl, :width], mask, g, args.loss_agg, counts)
+            elif args.method == "grpo":
+                ref_lp = logp_ref[sl, :width] if logp_ref is not None else logp_old
+                loss, m = grpo_loss(logp, logp_old, ref_lp, mask, advantages[sl], args.grpo_clip, args.grpo_kl_coef,
+                                    counts)
+            else:
+                loss, m = kd_loss(logp, mask, counts)
+            loss.backward()
+            logs.append(m)
+            nll.append(float(-(logp_old * mask).sum()))              # the student's NLL of its own tokens
+            if sampler_logits is not None:
+                s_lp = token_logprobs(sampler_logits[sl, :width], part["response_ids"], lp_temp)
+                gap.append(((s_lp - logp_old).abs() * mask).sum() / mask.sum().clamp(min=1))
+        if world > 1:                                                 # sum (not mean): losses use global counts
+            for p in student.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        opt.step()
+        student.eval()
+        t["time/update"] = time.time() - t0
+
+        # 5. log (rank 0), evaluate, checkpoint
+        tokens = float(batch["response_mask"].sum())
+        stats = torch.tensor([float(rewards.sum()), float(rewards.numel()), float(batch["truncated"].sum()), tokens,
+                              sum(nll)])
+        if world > 1:
+            dist.all_reduce(stats)
+        record = {"step": step + 1, "loss": sum(v for m in logs for k, v in m.items() if k.startswith("loss/")),
+                  **{k: sum(m[k] for m in logs) / len(logs) for k in logs[0]},
+                  "train/reward_mean": float(stats[0] / stats[1]), "rollout/truncated_frac": float(stats[2] / stats[1]),
+                  "rollout/mean_len": float(stats[3] / stats[1]), "train/grad_norm": float(grad_norm),
+                  "rollout/nll_student": float(stats[4] / stats[3].clamp(min=1)),
+                  "perf/tokens_per_s": float(stats[3]) / max(sum(t.values()), 1e-9), **t}
+        for k in ("loss/mle", "loss/opd", "loss/pg", "loss/kd"):      # summed over micro-batches, not averaged
+            if k in record:
+                record[k] = sum(m[k] for m in logs)
+        if gap:
+            record["rollout/sampler_gap"] = float(sum(gap) / len(gap))
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps) and master:
+            record.update(evaluate(student, tokenizer, test_rows, args.eval_k, args, (args.seed, "eval")))
+        if master:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(reward=f"{record['train/reward_mean']:.2f}", loss=f"{record['loss']:.3f}")
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+            save_checkpoint(out, step + 1, student, tokenizer, opt, args, rank, world, dist)
+    if ddp:
+        dist.destroy_process_group()
+    return student
+
+
+def _pad_cat(tensors, key, pad_id):
+    """Concatenate rollout tensors of different widths (prompts left-padded, responses right-padded)."""
+    if tensors[0].dim() == 1:
+        return torch.cat(tensors)
+    width = max(t.shape[1] for t in tensors)
+    fill = pad_id if key.endswith("_ids") else 0
+    left = key.startswith("prompt")
+    return torch.cat([torch.nn.functional.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=fill)
+                      for t in tensors])
+
+
+if __name__ == "__main__":
+    train(parse_args())

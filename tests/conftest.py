@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -10,3 +11,16 @@ torch.set_num_threads(1)  # 2 torch threads under any other load slow 10-40x on 
 
 # The benchmark copies laid beside the repository (never copied into it).
 SHARED_BENCHMARKS = Path(os.environ.get("SCOPE_SHARED_BENCHMARKS", ROOT.parent / "shared" / "benchmarks"))
+
+import scope  # noqa: E402
+
+# Small enough for CI; built by scope.build_tiny_models exactly like the default models, just smaller.
+MICRO_TEACHER = scope.TinyModel(hidden=64, layers=2, heads=4, sft_steps=600, sft_lr=3e-3, cosine=True)
+MICRO_STUDENT = scope.TinyModel(hidden=64, layers=2, heads=4, sft_steps=330, sft_lr=3e-3)
+
+@pytest.fixture(scope="session")
+def micro_models(tmp_path_factory):
+    cache = os.environ.get("SCOPE_TEST_CACHE") or tmp_path_factory.mktemp("cache")
+    student, teacher = scope.build_tiny_models(cache, MICRO_TEACHER, MICRO_STUDENT, seed=0, log=lambda *a: None)
+    return str(student), str(teacher)
+

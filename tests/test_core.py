@@ -257,7 +257,7 @@ def split_grads(batch, splits, agg, method="scope"):
             loss, _ = scope.kd_loss(args[0], args[3], counts=counts)
         total = total + loss
     total.backward()
-    return float(total), logp.grad
+    return float(total.detach()), logp.grad
 
 
 @given(batches(), st.integers(0, 2**31 - 1), st.sampled_from(["paper", "token"]),

@@ -1,0 +1,3 @@
+from eval.run import main
+
+main()

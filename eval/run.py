@@ -1,0 +1,237 @@
+"""Evaluate a model on the benchmarks: Avg@k and Pass@k, per-sample JSONL written as it goes, resumable.
+
+    python -m eval --model PATH_OR_HF_ID --benchmarks math500,aime24 --n 32 --data-dir ../shared/benchmarks
+    python -m eval --preset tiny --model .cache/scope/tiny-<hash>/student        # the embedded default
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import sys
+from pathlib import Path
+
+import scope
+from eval import benchmarks, metrics
+
+PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclasses.dataclass
+class EvalArgs:
+    model: str = ""
+    """model to evaluate: local path or Hugging Face id"""
+    preset: str = "paper"
+    """paper: SCOPE_SPEC.md section 8 sampling (n 32, T 0.6, top-p 0.95, top-k 20, 32768 tokens); tiny: small values"""
+    benchmarks: str = ""
+    """comma-separated names (math500, aime24, aime25, amc23, minerva, olympiadbench, tiny); empty = the preset's"""
+    n: int = 0
+    """samples per problem (0: the preset's)"""
+    temperature: float = -1.0
+    """sampling temperature (negative: the preset's)"""
+    top_p: float = -1.0
+    """nucleus sampling (negative: the preset's)"""
+    top_k: int = -1
+    """top-k, 0 = off (negative: the preset's)"""
+    max_tokens: int = 0
+    """max new tokens per sample (0: the preset's)"""
+    instruction: str = "preset"
+    """text after each problem in the prompt ("preset": the paper's instruction, or none for tiny)"""
+    backend: str = "hf"
+    """hf (transformers generate, CPU or GPU) or vllm (GPU only)"""
+    data_dir: str = ""
+    """directory of <benchmark>.jsonl copies (default: $SCOPE_DATA_DIR)"""
+    hub: bool = False
+    """load benchmarks missing locally from the Hugging Face hub (needs internet and `datasets`)"""
+    limit: int = 0
+    """only the first N problems of each benchmark (0: all)"""
+    batch_problems: int = 8
+    """problems per generation call (hf backend)"""
+    out_dir: str = "results/eval"
+    """where <benchmark>.samples.jsonl and results.json go; a re-run skips finished problems"""
+    seed: int = 0
+    """sampling seed (every sample's randomness is a function of seed, benchmark, problem, sample index)"""
+    dtype: str = "float32"
+    """float32 | bfloat16"""
+
+
+PRESETS = {
+    "paper": dict(n=32, temperature=0.6, top_p=0.95, top_k=20, max_tokens=32768, instruction=PAPER_INSTRUCTION,
+                  benchmarks=",".join(benchmarks.PAPER_BENCHMARKS), dtype="bfloat16"),
+    "tiny": dict(n=4, temperature=1.0, top_p=1.0, top_k=0, max_tokens=64, instruction="", benchmarks=benchmarks.TINY),
+}
+
+
+def resolve(args):
+    """Fill every field left at its 'use the preset' value from the preset."""
+    if args.preset not in PRESETS:
+        raise SystemExit(f"--preset must be one of {list(PRESETS)}")
+    unset = {"n": 0, "temperature": -1.0, "top_p": -1.0, "top_k": -1, "max_tokens": 0, "instruction": "preset",
+             "benchmarks": "", "dtype": "float32"}
+    filled = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == unset[k]}
+    out = dataclasses.replace(args, **filled)
+    if out.backend not in ("hf", "vllm"):
+        raise SystemExit(f"--backend must be hf or vllm, got {out.backend!r}")
+    return out
+
+
+def sample_seed(seed, bench, problem_id, j):
+    return scope.row_seeds(seed, bench, [(problem_id, j)])[0]
+
+
+class HFBackend:
+    """transformers generate; every sample's noise is seeded by (seed, benchmark, problem, index)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.tokenizer = scope.load_model(args.model, "model")
+        self.model = scope.load_model(args.model, "model", args.dtype, "cuda" if _cuda() else "cpu")
+
+    def __call__(self, bench, rows, n):
+        a = self.args
+        prompts = [scope.prompt_text(self.tokenizer, r["problem"], a.instruction) for r in rows]
+        seeds = [sample_seed(a.seed, bench, r["id"], j) for r in rows for j in range(n)]
+        b = scope.generate(self.model, self.tokenizer, prompts, n, a.max_tokens, a.temperature, a.top_p, a.top_k, seeds)
+        texts = self.tokenizer.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
+        return [[(texts[i * n + j], bool(b["truncated"][i * n + j])) for j in range(n)] for i in range(len(rows))]
+
+
+class VLLMBackend:
+    """vLLM's LLM.generate with SamplingParams(n, seed) per problem (GPU only; imported only here)."""
+
+    def __init__(self, args):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise SystemExit("the vllm backend needs vllm on a CUDA machine (pip install vllm); use --backend hf "
+                             "otherwise") from None
+        self.args, self.SamplingParams = args, SamplingParams
+        self.llm = LLM(model=args.model, dtype=args.dtype, seed=args.seed)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def __call__(self, bench, rows, n):
+        a = self.args
+        prompts = [scope.prompt_text(self.tokenizer, r["problem"], a.instruction) for r in rows]
+        params = [self.SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or -1,
+                                      max_tokens=a.max_tokens, seed=sample_seed(a.seed, bench, r["id"], 0) % 2**31)
+                  for r in rows]
+        outs = self.llm.generate(prompts, params)
+        return [[(c.text, c.finish_reason == "length") for c in o.outputs] for o in outs]
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+def read_samples(path):
+    """Finished samples; a torn last line (a crash mid-write) is ignored and rewritten later."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def evaluate(args, generator=None, progress=True):
+    """Run (or resume) the evaluation; returns the results dict also written to out_dir/results.json.
+    generator(bench, rows, n) -> per row a list of n (response text, truncated); default: the chosen backend."""
+    from tqdm import tqdm
+    args = resolve(args)
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = {name: benchmarks.load(name, args.data_dir or None, args.hub, args.limit or None) for name in names}
+    per_benchmark = {}
+    for name, rows in data.items():
+        path = out / f"{name}.samples.jsonl"
+        samples = read_samples(path)
+        done = {}
+        for s in samples:
+            done.setdefault(s["problem_id"], []).append(s)
+        complete = {pid for pid, ss in done.items() if len(ss) == args.n}
+        samples = [s for s in samples if s["problem_id"] in complete]      # drop partial problems
+        path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+        todo = [r for r in rows if r["id"] not in complete]
+        if todo and generator is None:
+            generator = (HFBackend if args.backend == "hf" else VLLMBackend)(args)
+        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=name, disable=not progress)
+        with path.open("a") as f:
+            for i in range(0, len(todo), args.batch_problems):
+                chunk = todo[i:i + args.batch_problems]
+                results = generator(name, chunk, args.n)
+                for r, res in zip(chunk, results):
+                    for j, (text, truncated) in enumerate(res):
+                        extracted = scope.extract_boxed(text)
+                        rec = {"problem_id": r["id"], "sample": j, "response": text, "extracted": extracted,
+                               "correct": bool(scope.reward(text, r["answer"], truncated)), "truncated": truncated}
+                        f.write(json.dumps(rec) + "\n")
+                f.flush()
+                bar.update(len(chunk))
+        bar.close()
+        samples = read_samples(path)
+        order = {r["id"]: i for i, r in enumerate(rows)}
+        samples.sort(key=lambda s: (order[s["problem_id"]], s["sample"]))
+        per_benchmark[name] = metrics.summarize(samples, args.n)
+    results = {"benchmarks": per_benchmark, "macro_average": metrics.macro_average(per_benchmark),
+               "config": dataclasses.asdict(args), "model": model_identity(args.model),
+               "versions": versions(), "seed": args.seed}
+    (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    return results
+
+
+def model_identity(name):
+    """The model id plus its revision: a hub commit when cached from the hub, else a hash of the local weights."""
+    p = Path(name)
+    if p.exists():
+        h = hashlib.sha256()
+        for f in sorted(p.glob("*.safetensors")):
+            h.update(f.read_bytes())
+        return {"id": str(name), "revision": "sha256:" + h.hexdigest()[:16]}
+    return {"id": name, "revision": "hub (resolved by transformers at load time)"}
+
+
+def versions():
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "tokenizers", "sympy", "vllm"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def table(results):
+    """A markdown table of Avg@n / Pass@n per benchmark."""
+    n = results["config"]["n"]
+    lines = [f"| benchmark | avg@{n} | pass@{n} | pass@{n} (bootstrap, official) | truncated | no box |",
+             "|---|---|---|---|---|---|"]
+    rows = list(results["benchmarks"].items()) + [("macro average", results["macro_average"])]
+    for name, m in rows:
+        lines.append(f"| {name} | {100 * m[f'avg@{n}']:.1f} | {100 * m[f'pass@{n}']:.1f} | "
+                     f"{100 * m[f'pass@{n}_bootstrap']:.1f} | {100 * m['truncated_frac']:.1f}% | {100 * m['no_box_frac']:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    docs = scope.field_docs(EvalArgs)
+    p = argparse.ArgumentParser(prog="python -m eval", description="Avg@k / Pass@k on the math benchmarks")
+    for f in dataclasses.fields(EvalArgs):
+        kind = {bool: lambda s: s.lower() in ("1", "true", "yes"), int: int, float: float}.get(f.type, str)
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
+                       help=f"{docs.get(f.name, '')} (default: {f.default!r})")
+    args = EvalArgs(**vars(p.parse_args(argv)))
+    if not args.model:
+        p.error("--model is required")
+    results = evaluate(args)
+    print(table(results))
+    print(f"results: {Path(args.out_dir) / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The embedded default and the training loop: tiny task/tokenizer/models, generation, every method end to end,
+torchrun equivalence, and exact resume after SIGKILL. Uses small models built by the code itself."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import scope
+from conftest import ROOT
+
+from conftest import MICRO_STUDENT  # noqa: E402  (the micro_models fixture lives in conftest)
+
+
+def run_args(micro_models, out_dir, **kw):
+    student, teacher = micro_models
+    base = dict(student=student, teacher=teacher, out_dir=str(out_dir), steps=2, prompts_per_step=4, n_rollouts=4,
+                micro_batch_prompts=2, max_new_tokens=48, eval_every=0, save_every=0, log_sampler_gap=True)
+    return scope.Args(**{**base, **kw})
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def params(model_dir):
+    from safetensors.torch import load_file
+    return load_file(str(model_dir / "checkpoint" / "model.safetensors"))
+
+
+def cli(micro_models, out_dir, extra=()):
+    student, teacher = micro_models
+    return ["--student", student, "--teacher", teacher, "--out_dir", str(out_dir), "--prompts_per_step", "4",
+            "--n_rollouts", "4", "--micro_batch_prompts", "1", "--max_new_tokens", "48", "--eval_every", "0",
+            *extra]
+
+
+# ---------------------------------------------------------------------------- task, tokenizer, generation
+def test_tiny_task_is_deterministic_and_verifiable():
+    a, b = scope.tiny_task("train", 50, seed=3), scope.tiny_task("train", 50, seed=3)
+    assert a == b and a != scope.tiny_task("test", 50, seed=3)
+    assert {r["level"] for r in a} == set(scope.TINY_LEVELS)
+    for r in a:
+        assert scope.reward(r["solution"], r["answer"]) == 1.0
+        assert scope.reward(r["solution"], str(int(sympy_value(r["answer"]) + 1))) == 0.0 if r["level"] != "frac" else True
+
+
+def sympy_value(answer):
+    return int(answer) if answer.lstrip("-").isdigit() else 0
+
+
+def test_tokenizer_round_trip(tmp_path):
+    tok = scope.tiny_tokenizer()
+    scope.tiny_model_config(MICRO_STUDENT, tok).save_pretrained(tmp_path)   # beside a Qwen2 config, as in a model dir
+    text = scope.prompt_text(tok, "1+2=?") + "1+2=3 \\boxed{3}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    tok.save_pretrained(tmp_path)
+    again = scope.load_model(str(tmp_path), "student")
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    assert again.pad_token_id != again.eos_token_id and again.chat_template
+
+
+def test_generation_masks_truncation_and_seeds(micro_models):
+    from transformers import AutoModelForCausalLM
+    student, _ = micro_models
+    tok = scope.load_model(student, "student")
+    model = AutoModelForCausalLM.from_pretrained(student).eval()
+    prompts = [scope.prompt_text(tok, "1+2=?"), scope.prompt_text(tok, "3+4-5+6=?")]
+    seeds = scope.row_seeds(0, 1, range(6))
+    b = scope.generate(model, tok, prompts, 3, 40, 1.0, seeds=seeds, return_logits=True)
+    assert b["prompt_ids"].shape[0] == 6 and (b["prompt_ids"][:, -1] != tok.pad_token_id).all()   # left padding
+    for i in range(6):
+        m = b["response_mask"][i]
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()                     # contiguous from the start
+        if not b["truncated"][i]:
+            assert b["response_ids"][i, n - 1] == tok.eos_token_id  # ends with (and includes) eos
+    # the same seeds give the same rollout whatever else is in the batch
+    alone = scope.generate(model, tok, prompts[1:], 3, 40, 1.0, seeds=seeds[3:])
+    w = alone["response_ids"].shape[1]
+    assert torch.equal(b["response_ids"][3:, :w], alone["response_ids"])
+    # a tight length limit truncates, and truncated rollouts score 0
+    short = scope.generate(model, tok, prompts, 1, 3, 1.0, seeds=seeds[:2])
+    assert short["truncated"].all() and short["response_mask"].all()
+    # the trainer's forward reproduces the sampler's log-probs
+    lp = scope.sequence_logprobs(model, {k: v for k, v in b.items() if k != "sampler_logits"})
+    slp = scope.token_logprobs(b["sampler_logits"], b["response_ids"])
+    assert ((lp - slp).abs() * b["response_mask"]).max() < 1e-4
+
+
+def test_teacher_failure_raises_never_a_number(micro_models):
+    from transformers import AutoModelForCausalLM
+    student, teacher = micro_models
+    tok = scope.load_model(student, "student")
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    b = scope.generate(model, tok, [scope.prompt_text(tok, "1+1=?")], 2, 8, 1.0, seeds=[1, 2])
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:] = float("nan")           # a broken teacher
+    with pytest.raises(RuntimeError, match="teacher"):
+        scope.teacher_logprobs(model, b, 2)
+
+
+def test_student_and_teacher_must_share_a_tokenizer(micro_models, tmp_path):
+    student, teacher = micro_models
+    import shutil
+    other = tmp_path / "teacher"
+    shutil.copytree(teacher, other)
+    cfg = json.loads((other / "tokenizer.json").read_text())
+    vocab = cfg["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (other / "tokenizer.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match="tokenizer"):
+        scope.train(run_args(micro_models, tmp_path / "run", teacher=str(other)))
+
+
+def test_paper_preset_fails_clearly_offline(tmp_path):
+    args = scope.parse_args(["--preset", "paper", "--out_dir", str(tmp_path)])
+    assert args.lr == 5e-5 and args.temperature == 0.6 and args.n_rollouts == 8 and args.prompts_per_step == 256
+    env = dict(os.environ, HF_HUB_OFFLINE="1")                      # the hub is unreachable
+    res = subprocess.run([sys.executable, str(ROOT / "scope.py"), "--preset", "paper", "--out_dir", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode != 0
+    assert "cannot load the student model 'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B'" in res.stderr
+    assert "local path" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_help_comes_from_the_dataclass():
+    out = subprocess.run([sys.executable, str(ROOT / "scope.py"), "--help"], capture_output=True, text=True, check=True)
+    assert "SCOPE weight temperature (eq. 4-5)" in out.stdout and "--micro_batch_prompts" in out.stdout
+
+
+# ---------------------------------------------------------------------------- the loop, every method
+@pytest.mark.parametrize("method", ["scope", "opd", "grpo", "kd"])
+def test_each_method_runs_and_logs_finite_metrics(micro_models, tmp_path, method):
+    scope.train(run_args(micro_models, tmp_path, method=method, eval_every=2, eval_problems=8, eval_k=2))
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
+        for key in ("loss", "train/reward_mean", "rollout/truncated_frac", "time/generate", "time/update",
+                    "perf/tokens_per_s"):
+            assert key in r
+    if method == "scope":
+        assert {"loss/mle", "loss/opd", "train/w_stu_max", "train/w_tea_entropy", "kl/teacher_k1"} <= set(recs[0])
+        assert recs[0]["rollout/sampler_gap"] < 1e-4
+    assert "eval/all/avg@2" in recs[-1] and "eval/all/pass@2" in recs[-1]
+    assert (tmp_path / "checkpoint" / "model.safetensors").exists()
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2 and state["config"]["method"] == method
+
+
+def test_scope_raises_training_reward(micro_models, tmp_path):
+    """On a fixed seed, a short SCOPE run raises the student's training reward. The run trains on 8 fixed problems,
+    so every step sees the same prompts and the reward mean moves only with the student (numbers in the README)."""
+    data = tmp_path / "fixed8.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in scope.tiny_task("train", 8, seed=5)))
+    scope.train(run_args(micro_models, tmp_path, data=str(data), steps=16, prompts_per_step=8, n_rollouts=8,
+                         micro_batch_prompts=8, lr=3e-4, log_sampler_gap=False))
+    rewards = [r["train/reward_mean"] for r in read_metrics(tmp_path)]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    print(f"SCOPE training reward on 8 fixed problems: first 3 steps {first:.3f}, last 3 steps {last:.3f}")
+    assert last > first + 0.1, rewards
+
+
+# ---------------------------------------------------------------------------- torchrun equivalence
+def test_torchrun_two_ranks_equals_one_process(micro_models, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--steps", "2", "--save_every", "0"]
+    subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, one, args)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          str(ROOT / "scope.py"), *cli(micro_models, two, args)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = params(one), params(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert any(not torch.equal(a[k], params_initial(micro_models)[k]) for k in a)   # training changed something
+
+
+def params_initial(micro_models):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(micro_models[0], "model.safetensors"))
+
+
+def test_torchrun_ranks_hold_identical_parameters(micro_models, tmp_path):
+    """After the run every rank's parameters are bit-identical (each rank dumps its own copy)."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import scope\n"
+        "model = scope.train(scope.parse_args(sys.argv[1:]))\n"
+        f"torch.save(model.state_dict(), os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                          str(script), *cli(micro_models, tmp_path / "run", ["--steps", "2", "--method", "opd"])],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+
+
+# ---------------------------------------------------------------------------- resume after SIGKILL
+def test_resume_after_sigkill_matches_uninterrupted_run(micro_models, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    extra = ["--steps", "4", "--save_every", "2"]
+    subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, full, extra)], check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, killed, extra)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["step"] == 2, "the kill came after the first checkpoint"
+    subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, killed, [*extra, "--resume", "true"])],
+                   check=True, capture_output=True, timeout=300)
+    a, b = params(full), params(killed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3, 4]
