@@ -1,9 +1,393 @@
-"""reproduce.py: train every method and evaluate the benchmarks, writing RESULTS.md and plots.
+"""reproduce.py: train every method, evaluate every trained student, write RESULTS.md and plots.
 
-Not implemented yet: it needs the training loop (scope.py) and the evaluation harness (eval/).
+    python reproduce.py                                 # tiny preset (default without a GPU), seed 0
+    python reproduce.py --seeds 0,1,2 --ablations       # + the SCOPE ablations, tau sweep and official recipe
+    torchrun --nproc_per_node=2 reproduce.py --smoke    # smallest settings on two processes
+    torchrun --nproc_per_node=8 reproduce.py --preset paper --data-dir /data/benchmarks   # a GPU node
+
+Resumable: finished (run, seed) trainings and evaluations are skipped; a killed training continues from its last
+checkpoint. Everything lands in --out (per run: config.json, metrics.jsonl, checkpoint/, eval/results.json) and
+RESULTS.md is rebuilt from those files alone.
 """
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
 import sys
+import time
+from pathlib import Path
+
+import torch
+
+import scope
+from eval import benchmarks, metrics
+from eval.run import EvalArgs, evaluate
+
+METHODS = ["base", "grpo", "kd", "opd", "scope"]
+LABELS = {"base": "student (no training)", "grpo": "+ GRPO", "kd": "+ KD", "opd": "+ OPD", "scope": "+ SCOPE"}
+# Paper Fig. 5 ablations, Fig. 6 tau sweep, and the official code's recipe (README: official-code differences).
+ABLATIONS = {
+    "scope-no_teacher_w": dict(teacher_weight="uniform"),
+    "scope-no_student_w": dict(student_weight="uniform"),
+    "scope-uniform": dict(student_weight="uniform", teacher_weight="uniform"),
+    "scope-reversed_teacher_w": dict(teacher_weight="reversed"),
+    "scope-reversed_student_w": dict(student_weight="reversed"),
+    "scope-tau0.5": dict(tau=0.5),
+    "scope-tau2": dict(tau=2.0),
+    "scope-official": dict(weight_norm="mean", student_weight="reversed", loss_agg="token",
+                           logprob_temperature="sampling"),
+}
+# SCOPE_SPEC.md section 8: the PAPER's Table 1 (R1-Distill-Qwen-1.5B), Avg@32 / Pass@32. Shown beside ours for the
+# paper preset, never as ours.
+PAPER_TABLE1 = {
+    "base": {"aime24": (29.4, 76.5), "aime25": (23.9, 46.9), "amc23": (72.7, 94.7), "math500": (84.6, 97.3),
+             "minerva": (32.3, 55.9), "olympiadbench": (44.2, 67.5), "average": (47.9, 73.1)},
+    "grpo": {"aime24": (35.5, 68.3), "aime25": (24.5, 45.1), "amc23": (75.1, 95.0), "math500": (87.0, 96.7),
+             "minerva": (35.1, 53.5), "olympiadbench": (40.5, 67.7), "average": (49.6, 71.1)},
+    "kd": {"aime24": (26.6, 71.4), "aime25": (22.2, 45.6), "amc23": (69.1, 96.3), "math500": (84.1, 97.4),
+           "minerva": (30.7, 54.1), "olympiadbench": (39.7, 66.9), "average": (45.4, 72.0)},
+    "opd": {"aime24": (40.2, 75.0), "aime25": (28.9, 48.5), "amc23": (75.9, 95.0), "math500": (89.0, 97.7),
+            "minerva": (34.9, 53.0), "olympiadbench": (44.9, 69.3), "average": (52.3, 73.1)},
+    "scope": {"aime24": (42.7, 77.9), "aime25": (30.4, 50.9), "amc23": (80.9, 97.2), "math500": (89.8, 97.9),
+              "minerva": (37.8, 55.1), "olympiadbench": (49.7, 70.9), "average": (55.2, 75.0)},
+}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+@dataclasses.dataclass
+class RArgs:
+    preset: str = ""
+    """tiny or paper; empty: tiny without a GPU, paper with one"""
+    seeds: str = "0"
+    """comma-separated training seeds"""
+    methods: str = ",".join(METHODS)
+    """which of base, grpo, kd, opd, scope to run"""
+    ablations: bool = False
+    """also run the SCOPE ablations (Fig. 5), the tau sweep (Fig. 6) and the official-code recipe"""
+    steps: int = 0
+    """training steps per run (0: the preset's)"""
+    smoke: bool = False
+    """the smallest settings (a few steps and problems): checks the pipeline, not the method"""
+    student: str = ""
+    """student model path/id (default: the preset's)"""
+    teacher: str = ""
+    """teacher model path/id (default: the preset's)"""
+    data_dir: str = ""
+    """benchmark JSONL directory for the paper preset (default: $SCOPE_DATA_DIR)"""
+    out: str = "results"
+    """output directory"""
+    results_md: str = "RESULTS.md"
+    """the report to (re)write"""
+
+
+def preset_settings(a):
+    """(training overrides, eval settings, benchmark names) of the chosen preset."""
+    if a.preset == "paper":
+        train = {}
+        ev = dict(preset="paper", data_dir=a.data_dir)
+        names = benchmarks.PAPER_BENCHMARKS
+    else:
+        # tiny: 50 steps x 16 prompts x 8 rollouts at scope.Args' tiny defaults
+        train = dict(steps=50, eval_every=25, eval_problems=64, eval_k=4, save_every=10,
+                     log_sampler_gap=False)
+        ev = dict(preset="tiny", n=8, limit=32)
+        names = [f"{benchmarks.TINY}-{level}" for level in scope.TINY_LEVELS]
+    if a.smoke:
+        train.update(steps=2, prompts_per_step=4, n_rollouts=4, micro_batch_prompts=2, max_new_tokens=48,
+                     eval_every=2, eval_problems=4, eval_k=2, save_every=1)
+        ev.update(n=2, limit=2)
+    if a.steps:
+        train["steps"] = a.steps
+    train.update({k: v for k, v in (("student", a.student), ("teacher", a.teacher)) if v})
+    return train, ev, names
+
+
+def runs_of(a):
+    names = [m for m in a.methods.split(",") if m]
+    for m in names:
+        if m not in METHODS:
+            raise SystemExit(f"--methods: unknown method {m!r}; known: {METHODS}")
+    runs = {m: ({} if m == "base" else {"method": m}) for m in names}
+    if a.ablations:
+        runs.update({k: dict(v, method="scope") for k, v in ABLATIONS.items()})
+    return runs
+
+
+def fmt_time(s):
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def main(argv=None):
+    docs = scope.field_docs(RArgs)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(RArgs):
+        kind = {bool: lambda s: s.lower() in ("1", "true", "yes", ""), int: int}.get(f.type, str)
+        if f.type is bool:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", help=docs.get(f.name))
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
+                           help=f"{docs.get(f.name, '')} (default: {f.default!r})")
+    a = RArgs(**vars(p.parse_args(argv)))
+    if not a.preset:
+        a.preset = "paper" if torch.cuda.is_available() else "tiny"
+    if a.preset not in ("tiny", "paper"):
+        raise SystemExit("--preset must be tiny or paper")
+
+    import torch.distributed as dist
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:                                           # one process group for every training run
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    master = not ddp or dist.get_rank() == 0
+    say = print if master else (lambda *x, **k: None)
+    train_over, ev, bench_names = preset_settings(a)
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    runs = runs_of(a)
+    out = Path(a.out)
+    if a.preset == "paper" and master:                # fail early and clearly when data cannot be reached
+        for name in bench_names:
+            benchmarks.load(name, a.data_dir or None)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "invocation.json").write_text(json.dumps({"argv": sys.argv, "args": dataclasses.asdict(a)}, indent=1))
+
+    t_start = time.time()
+    phases = [(r, s) for s in seeds for r in runs]
+    done_phases = 0
+    for run, seed in phases:
+        run_dir = out / "runs" / f"{run}-s{seed}"
+        targs = scope.Args(**{**dict(out_dir=str(run_dir), seed=seed, resume=True), **train_over, **runs[run]})
+        elapsed = time.time() - t_start
+        eta = elapsed / done_phases * (len(phases) - done_phases) if done_phases else float("nan")
+        say(f"[{done_phases + 1}/{len(phases)}] {run} seed {seed}: elapsed {fmt_time(elapsed)}"
+            + (f", about {fmt_time(eta)} to go" if math.isfinite(eta) else ""), flush=True)
+        # -- train (the base student is evaluated untrained)
+        if run == "base":
+            model_dir = None
+        elif (run_dir / "train_done.json").exists():
+            say(f"  training done earlier: {run_dir}")
+            model_dir = run_dir / "checkpoint"
+        else:
+            t0 = time.time()
+            scope.train(targs)
+            if master:
+                (run_dir / "train_done.json").write_text(json.dumps({"seconds": time.time() - t0}))
+            model_dir = run_dir / "checkpoint"
+        if model_dir is None:
+            if not targs.student:                     # the tiny student, built (or reused) like in training
+                model_dir = scope.build_tiny_models(targs.cache_dir, log=say)[0] if master else None
+            else:
+                model_dir = targs.student
+        # -- evaluate (rank 0; evaluate() itself skips finished problems)
+        if master:
+            eargs = EvalArgs(model=str(model_dir), benchmarks=",".join(bench_names), out_dir=str(run_dir / "eval"),
+                             seed=seed, **ev)
+            if not (run_dir / "eval" / "results.json").exists():
+                evaluate(eargs, progress=True)
+            else:
+                say(f"  evaluation done earlier: {run_dir / 'eval' / 'results.json'}")
+        if ddp:
+            dist.barrier()
+        done_phases += 1
+    wall = time.time() - t_start
+    if master:
+        write_report(a, out, runs, seeds, bench_names, wall)
+        say(f"wrote {a.results_md} and {out / 'plots'} in {fmt_time(wall)}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the report: tables and plots from the files under --out
+# ----------------------------------------------------------------------------------------------------
+def load_results(out, runs, seeds):
+    res = {}
+    for run in runs:
+        for seed in seeds:
+            path = out / "runs" / f"{run}-s{seed}" / "eval" / "results.json"
+            if path.exists():
+                res.setdefault(run, {})[seed] = json.loads(path.read_text())
+    return res
+
+
+def mean_ci(values):
+    """(mean, half-width of the 95% t-interval); half-width None for one value."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, None
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def cell(values):
+    m, h = mean_ci([100 * v for v in values])
+    return f"{m:.1f}" if h is None else f"{m:.1f} ± {h:.1f}"
+
+
+def metric_values(res, run, bench, key):
+    out = []
+    for r in res.get(run, {}).values():
+        m = r["macro_average"] if bench == "average" else r["benchmarks"][bench]
+        out.append(m[key])
+    return out
+
+
+def results_table(res, runs, bench_names, n):
+    cols = bench_names + ["average"]
+    head = "| method | " + " | ".join(f"{c} Avg@{n} / Pass@{n}" for c in cols) + " |"
+    lines = [head, "|---" * (len(cols) + 1) + "|"]
+    for run in runs:
+        if run not in res:
+            continue
+        cells = [f"{cell(metric_values(res, run, c, f'avg@{n}'))} / {cell(metric_values(res, run, c, f'pass@{n}'))}"
+                 for c in cols]
+        lines.append(f"| {LABELS.get(run, run)} | " + " | ".join(cells) + " |")
+    if "scope" in res and "opd" in res:
+        deltas = []
+        for c in cols:
+            parts = []
+            for key in (f"avg@{n}", f"pass@{n}"):
+                o = sum(metric_values(res, "opd", c, key)) / len(res["opd"])
+                s = sum(metric_values(res, "scope", c, key)) / len(res["scope"])
+                parts.append(f"{100 * (s - o) / o:+.1f}%" if o > 0 else "n/a")
+            deltas.append(" / ".join(parts))
+        lines.append("| delta % of SCOPE vs OPD (means) | " + " | ".join(deltas) + " |")
+    return "\n".join(lines)
+
+
+def paper_table():
+    cols = ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "average"]
+    lines = ["| model (paper, not ours) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for run, row in PAPER_TABLE1.items():
+        lines.append(f"| {LABELS[run]} | " + " | ".join(f"{row[c][0]} / {row[c][1]}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def hardware():
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} CPU cores{gpu}"
+
+
+def versions():
+    out = [f"python {platform.python_version()}"]
+    for pkg in ("torch", "transformers", "tokenizers", "sympy", "matplotlib"):
+        try:
+            out.append(f"{pkg} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def plots(out, res, runs, seeds, n):
+    """Pass@k curves (Fig. 4), training dynamics (Fig. 3), ablation bars (Fig. 5). Returns {title: path}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pdir = out / "plots"
+    pdir.mkdir(parents=True, exist_ok=True)
+    made = {}
+    ks = metrics.ks_up_to(n)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for run in runs:
+        if run in res and not run.startswith("scope-"):
+            ys = [100 * sum(metric_values(res, run, "average", f"pass@{k}")) / len(res[run]) for k in ks]
+            ax.plot(ks, ys, marker="o", label=LABELS.get(run, run))
+    ax.set(xscale="log", xlabel="k", ylabel="Pass@k (%), macro average", title="Pass@k (unbiased)")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(pdir / "pass_at_k.png", dpi=110)
+    plt.close(fig)
+    made["Pass@k per method (paper Fig. 4)"] = pdir / "pass_at_k.png"
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for run in runs:
+        if run == "base" or run.startswith("scope-"):
+            continue
+        path = out / "runs" / f"{run}-s{seeds[0]}" / "metrics.jsonl"
+        if not path.exists():
+            continue
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        axes[0].plot([r["step"] for r in recs], [r["rollout/nll_student"] for r in recs], label=LABELS[run])
+        ev = [r for r in recs if any(k.startswith("eval/all/avg@") for k in r)]
+        if ev:
+            key = next(k for k in ev[0] if k.startswith("eval/all/avg@"))
+            axes[1].plot([r["step"] for r in ev], [100 * r[key] for r in ev], marker="o", label=LABELS[run])
+    axes[0].set(xlabel="step", ylabel="nats / token", title="student NLL of its rollouts (entropy proxy)")
+    axes[1].set(xlabel="step", ylabel="%", title="eval Avg@k during training")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(pdir / "training_dynamics.png", dpi=110)
+    plt.close(fig)
+    made[f"Training dynamics, seed {seeds[0]} (paper Fig. 3)"] = pdir / "training_dynamics.png"
+
+    abl = [r for r in runs if r.startswith("scope") and r in res]
+    if len(abl) > 1:
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        vals = [mean_ci([100 * v for v in metric_values(res, r, "average", f"avg@{n}")]) for r in abl]
+        ax.bar(range(len(abl)), [m for m, _ in vals], yerr=[h or 0 for _, h in vals], capsize=3)
+        ax.set_xticks(range(len(abl)), [r.replace("scope-", "") for r in abl], rotation=30, ha="right", fontsize=8)
+        ax.set(ylabel=f"Avg@{n} (%), macro", title="SCOPE ablations (paper Fig. 5, 6)")
+        fig.tight_layout()
+        fig.savefig(pdir / "ablations.png", dpi=110)
+        plt.close(fig)
+        made["SCOPE ablations, tau sweep and official recipe (paper Fig. 5-6)"] = pdir / "ablations.png"
+    return made
+
+
+def write_report(a, out, runs, seeds, bench_names, wall):
+    res = load_results(out, runs, seeds)
+    if not res:
+        raise SystemExit(f"no evaluation results under {out}")
+    n = next(iter(next(iter(res.values())).values()))["config"]["n"]
+    main_runs = [r for r in runs if not r.startswith("scope-")]
+    cmd = "python reproduce.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        cmd = f"torchrun --nproc_per_node={os.environ['WORLD_SIZE']} " + cmd[len("python "):]
+    lines = [
+        "# Results", "",
+        f"Generated by `reproduce.py` from the files in `{out}/`; every number below comes from that run.", "",
+        f"- command: `{cmd}`",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- hardware: {hardware()}",
+        f"- packages: {versions()}",
+        f"- wall time of this invocation: {fmt_time(wall)} (phases finished by an earlier invocation are not included)",
+        f"- preset: {a.preset}{' (smoke settings: checks the pipeline, says nothing about the method)' if a.smoke else ''};"
+        f" seeds: {', '.join(map(str, seeds))}; cells are mean" + (" ± 95% t-interval over seeds" if len(seeds) > 1 else
+                                                                     " (one seed: no interval)"),
+        f"- evaluation: {n} samples per problem, Avg@{n} and unbiased Pass@{n} (%), per "
+        + ("tiny-task level (the tiny test split)" if a.preset == "tiny" else "benchmark") + "; average = macro over columns",
+        "", "## Main table (layout of the paper's Table 1)", "", results_table(res, main_runs, bench_names, n), ""]
+    if a.preset == "paper":
+        lines += ["## The paper's own numbers (Table 1, R1-Distill-Qwen-1.5B; NOT produced by this run)", "",
+                  paper_table(), ""]
+    abl = [r for r in runs if r.startswith("scope-")]
+    if abl:
+        lines += ["## SCOPE ablations", "", results_table(res, ["scope"] + abl, bench_names, n), "",
+                  "no_teacher_w / no_student_w: that path's weights uniform; uniform: both; reversed_*: the exponent's "
+                  "sign flipped; tau0.5 / tau2: weight temperature; official: the released scripts' recipe (mean-1 "
+                  "weights, reversed student weight, token-mean, student log-probs at the sampling temperature).", ""]
+    lines += ["## Plots", ""]
+    for title, path in plots(out, res, list(runs), seeds, n).items():
+        lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, Path(a.results_md).parent)})", ""]
+    Path(a.results_md).write_text("\n".join(lines))
+
 
 if __name__ == "__main__":
-    sys.exit("reproduce.py is not implemented yet: it lands with the training loop and the eval/ harness. "
-             "See README.md for what works today.")
+    main()

@@ -1184,6 +1184,8 @@ class Args:
     """rollouts per prompt (N)"""
     micro_batch_prompts: int = 4
     """prompt groups per forward/backward (gradient accumulation); groups are never split"""
+    score_micro_batch: int = 32
+    """rollouts per teacher forward (sorted by length, so each micro-batch carries little padding)"""
     max_new_tokens: int = 64
     """response length limit; a response that reaches it is truncated and gets reward 0"""
     temperature: float = 1.0
@@ -1197,8 +1199,9 @@ class Args:
     logprob_temperature: str = "one"
     """one: student and teacher log-probs at T=1 (the policy pi_theta itself); sampling: student at the sampling
     temperature, teacher at T=1 (the official code)"""
-    lr: float = 1e-3
-    """AdamW learning rate, constant (paper: 5e-5)"""
+    lr: float = 3e-4
+    """AdamW learning rate, constant (paper: 5e-5; tiny: 3e-4, since 1e-3 knocks the tiny student down at the first
+    Adam step and 1e-4 learns more slowly)"""
     weight_decay: float = 0.01
     """AdamW weight decay"""
     grad_clip: float = 1.0
@@ -1403,8 +1406,10 @@ def train(args):
 
     # -- setup: ranks, seeds, output
     ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
+    own_group = ddp and not dist.is_initialized()                   # a caller (reproduce.py) may hold the group
+    if own_group:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if ddp:
         rank, world = dist.get_rank(), dist.get_world_size()
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu")
         if device.type == "cuda":
@@ -1505,8 +1510,9 @@ def train(args):
         # 3. teacher log-probs T_it of the sampled tokens (no grad); GRPO: reference log-probs
         t0 = time.time()
         mb = args.micro_batch_prompts * n
-        logp_teacher = teacher_logprobs(teacher, batch, mb) if args.method in ("scope", "opd") else None
-        logp_ref = teacher_logprobs(ref, batch, mb) if ref is not None else None
+        sb = args.score_micro_batch
+        logp_teacher = teacher_logprobs(teacher, batch, sb) if args.method in ("scope", "opd") else None
+        logp_ref = teacher_logprobs(ref, batch, sb) if ref is not None else None
         t["time/score"] = time.time() - t0
 
         # 4. one update: every normaliser is a count over the GLOBAL batch (all ranks), so the summed gradient of
@@ -1580,7 +1586,7 @@ def train(args):
             bar.set_postfix(reward=f"{record['train/reward_mean']:.2f}", loss=f"{record['loss']:.3f}")
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
             save_checkpoint(out, step + 1, student, tokenizer, opt, args, rank, world, dist)
-    if ddp:
+    if own_group:
         dist.destroy_process_group()
     return student
 

@@ -23,10 +23,12 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--method", default="scope")
+    p.add_argument("--micro_batch_prompts", type=int, default=4)
+    p.add_argument("--score_micro_batch", type=int, default=32)
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as out:
         args = scope.Args(method=a.method, out_dir=out, steps=a.warmup + a.steps, prompts_per_step=16, n_rollouts=8,
-                          micro_batch_prompts=16, max_new_tokens=64, eval_every=0, save_every=0, threads=1,
+                          micro_batch_prompts=a.micro_batch_prompts, score_micro_batch=a.score_micro_batch, max_new_tokens=64, eval_every=0, save_every=0, threads=1,
                           log_sampler_gap=False)
         scope.build_tiny_models(args.cache_dir)
         t0 = time.time()
@@ -37,7 +39,7 @@ def main():
     med = {k: statistics.median(r[k] for r in recs) for k in phases}
     total = statistics.median(sum(r[k] for k in phases) for r in recs)
     print(f"method {a.method}: 16 prompts x 8 rollouts, max 64 new tokens, student d96/3 layers, teacher d192/4 "
-          f"layers, fp32, 1 torch thread; median of {len(recs)} steps after {a.warmup} warm-up steps")
+          f"layers, fp32, 1 torch thread, micro-batches of {a.micro_batch_prompts} prompts (update) and {a.score_micro_batch} rollouts (teacher); median of {len(recs)} steps after {a.warmup} warm-up steps")
     print("| phase | seconds per step |\n|---|---|")
     for k in phases:
         print(f"| {k.split('/')[1]} | {med[k]:.3f} |")

@@ -47,8 +47,12 @@ def data_dir(explicit=None):
 
 def load(name, directory=None, use_hub=False, limit=None):
     """Problems of one benchmark as dicts with `id`, `problem`, `answer` (and `level` for tiny)."""
-    if name == TINY:
+    if name == TINY or name.startswith(TINY + "-"):                # tiny, or one level: tiny-add3, tiny-frac, ...
         rows = scope.tiny_task("test", TINY_SIZE, seed=0)
+        level = name[len(TINY) + 1:]
+        if level and level not in scope.TINY_LEVELS:
+            raise ValueError(f"unknown tiny level {level!r}; known: {scope.TINY_LEVELS}")
+        rows = [r for r in rows if r["level"] == level] if level else rows
         return rows[:limit] if limit else rows
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join([*BENCHMARKS, TINY])}")

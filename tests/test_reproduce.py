@@ -1,0 +1,47 @@
+"""reproduce.py smoke runs: one process (then a second invocation that skips finished work) and torchrun."""
+
+import os
+import subprocess
+import sys
+
+import reproduce
+from conftest import ROOT
+
+
+def smoke_argv(micro_models, out, methods="base,grpo,kd,opd,scope"):
+    student, teacher = micro_models
+    return ["--smoke", "--student", student, "--teacher", teacher, "--out", str(out / "results"),
+            "--results-md", str(out / "RESULTS.md"), "--methods", methods, "--preset", "tiny"]
+
+
+def test_smoke_run_writes_results_tables_plots_and_resumes(micro_models, tmp_path, capsys):
+    reproduce.main(smoke_argv(micro_models, tmp_path))
+    results = tmp_path / "results"
+    for run in ("base", "grpo", "kd", "opd", "scope"):
+        run_dir = results / "runs" / f"{run}-s0"
+        assert (run_dir / "eval" / "results.json").exists(), run
+        if run != "base":
+            assert (run_dir / "metrics.jsonl").exists() and (run_dir / "checkpoint" / "model.safetensors").exists()
+            assert (run_dir / "config.json").exists()
+    md = (tmp_path / "RESULTS.md").read_text()
+    for label in ("student (no training)", "+ GRPO", "+ KD", "+ OPD", "+ SCOPE", "delta % of SCOPE vs OPD"):
+        assert label in md, label
+    assert "nan" not in md.lower() and "command:" in md and "hardware:" in md and "wall time" in md
+    for png in ("pass_at_k.png", "training_dynamics.png"):
+        assert (results / "plots" / png).stat().st_size > 1000
+        assert f"plots/{png}" in md
+    stamp = (results / "runs" / "scope-s0" / "metrics.jsonl").stat().st_mtime_ns
+    capsys.readouterr()
+    reproduce.main(smoke_argv(micro_models, tmp_path))                # finished work is skipped
+    out = capsys.readouterr().out
+    assert out.count("training done earlier") == 4 and out.count("evaluation done earlier") == 5
+    assert (results / "runs" / "scope-s0" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_smoke_run_under_torchrun(micro_models, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+                          str(ROOT / "reproduce.py"), *smoke_argv(micro_models, tmp_path, "base,opd,scope")],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "+ SCOPE" in md and "torchrun --nproc_per_node=2" in md
