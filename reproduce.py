@@ -10,7 +10,6 @@ checkpoint. Everything lands in --out (per run: config.json, metrics.jsonl, chec
 RESULTS.md is rebuilt from those files alone.
 """
 
-import argparse
 import dataclasses
 import datetime
 import importlib.metadata
@@ -95,7 +94,7 @@ def preset_settings(a):
         names = benchmarks.PAPER_BENCHMARKS
     else:
         # tiny: 50 steps x 16 prompts x 8 rollouts at scope.Args' tiny defaults
-        train = dict(steps=50, eval_every=25, eval_problems=64, eval_k=4, save_every=10,
+        train = dict(steps=50, eval_every=10, eval_problems=64, eval_k=4, save_every=10,
                      log_sampler_gap=False)
         ev = dict(preset="tiny", n=8, limit=32)
         names = [f"{benchmarks.TINY}-{level}" for level in scope.TINY_LEVELS]
@@ -125,16 +124,8 @@ def fmt_time(s):
 
 
 def main(argv=None):
-    docs = scope.field_docs(RArgs)
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(RArgs):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes", ""), int: int}.get(f.type, str)
-        if f.type is bool:
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", help=docs.get(f.name))
-        else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
-                           help=f"{docs.get(f.name, '')} (default: {f.default!r})")
-    a = RArgs(**vars(p.parse_args(argv)))
+    _, given = scope.dataclass_cli(RArgs, argv, __doc__.splitlines()[0], dashes=True)
+    a = RArgs(**given)
     if not a.preset:
         a.preset = "paper" if torch.cuda.is_available() else "tiny"
     if a.preset not in ("tiny", "paper"):
@@ -155,7 +146,6 @@ def main(argv=None):
             benchmarks.load(name, a.data_dir or None)
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "invocation.json").write_text(json.dumps({"argv": sys.argv, "args": dataclasses.asdict(a)}, indent=1))
 
     t_start = time.time()
     phases = [(r, s) for s in seeds for r in runs]
@@ -197,6 +187,8 @@ def main(argv=None):
         done_phases += 1
     wall = time.time() - t_start
     if master:
+        with (out / "invocations.jsonl").open("a") as f:                     # every invocation that wrote here
+            f.write(json.dumps({"command": command_line(argv), "date": now(), "wall_s": round(wall)}) + "\n")
         write_report(a, out, runs, seeds, bench_names, wall)
         say(f"wrote {a.results_md} and {out / 'plots'} in {fmt_time(wall)}")
     if ddp:
@@ -206,13 +198,13 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------------
 # the report: tables and plots from the files under --out
 # ----------------------------------------------------------------------------------------------------
-def load_results(out, runs, seeds):
+def load_results(out):
+    """{run: {seed: eval results}} for every finished evaluation on disk, whichever invocation made it."""
     res = {}
-    for run in runs:
-        for seed in seeds:
-            path = out / "runs" / f"{run}-s{seed}" / "eval" / "results.json"
-            if path.exists():
-                res.setdefault(run, {})[seed] = json.loads(path.read_text())
+    for path in sorted((out / "runs").glob("*-s*/eval/results.json")):
+        run, _, seed = path.parent.parent.name.rpartition("-s")
+        if run in LABELS or run in ABLATIONS:
+            res.setdefault(run, {})[int(seed)] = json.loads(path.read_text())
     return res
 
 
@@ -268,6 +260,17 @@ def paper_table():
     for run, row in PAPER_TABLE1.items():
         lines.append(f"| {LABELS[run]} | " + " | ".join(f"{row[c][0]} / {row[c][1]}" for c in cols) + " |")
     return "\n".join(lines)
+
+
+def command_line(argv):
+    cmd = " ".join(["python", "reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        cmd = f"torchrun --nproc_per_node={os.environ['WORLD_SIZE']} " + cmd[len("python "):]
+    return cmd
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def hardware():
@@ -328,7 +331,7 @@ def plots(out, res, runs, seeds, n):
         if ev:
             key = next(k for k in ev[0] if k.startswith("eval/all/avg@"))
             axes[1].plot([r["step"] for r in ev], [100 * r[key] for r in ev], marker="o", label=LABELS[run])
-    axes[0].set(xlabel="step", ylabel="nats / token", title="student NLL of its rollouts (entropy proxy)")
+    axes[0].set(xlabel="step", ylabel="nats / token", title="student NLL of the trained tokens (KD: teacher's)")
     axes[1].set(xlabel="step", ylabel="%", title="eval Avg@k during training")
     for ax in axes:
         ax.legend(fontsize=8)
@@ -352,25 +355,25 @@ def plots(out, res, runs, seeds, n):
 
 
 def write_report(a, out, runs, seeds, bench_names, wall):
-    res = load_results(out, runs, seeds)
+    res = load_results(out)
     if not res:
         raise SystemExit(f"no evaluation results under {out}")
+    runs = [r for r in [*METHODS, *ABLATIONS] if r in res]                 # everything on disk, in table order
     n = next(iter(next(iter(res.values())).values()))["config"]["n"]
     main_runs = [r for r in runs if not r.startswith("scope-")]
-    cmd = "python reproduce.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        cmd = f"torchrun --nproc_per_node={os.environ['WORLD_SIZE']} " + cmd[len("python "):]
+    seeds = sorted({s for r in main_runs for s in res[r]})
+    calls = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    seed_note = "; ".join(f"{r}: {', '.join(map(str, sorted(res[r])))}" for r in runs)
     lines = [
         "# Results", "",
         f"Generated by `reproduce.py` from the files in `{out}/`; every number below comes from that run.", "",
-        f"- command: `{cmd}`",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        "- commands that produced these files (each skips what an earlier one finished), with date and wall time:",
+        *[f"  - `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])})" for c in calls],
         f"- hardware: {hardware()}",
         f"- packages: {versions()}",
-        f"- wall time of this invocation: {fmt_time(wall)} (phases finished by an earlier invocation are not included)",
         f"- preset: {a.preset}{' (smoke settings: checks the pipeline, says nothing about the method)' if a.smoke else ''};"
-        f" seeds: {', '.join(map(str, seeds))}; cells are mean" + (" ± 95% t-interval over seeds" if len(seeds) > 1 else
-                                                                     " (one seed: no interval)"),
+        f" seeds per run: {seed_note}; cells are the mean over a run's seeds, ± the 95% t-interval when it has"
+        " more than one",
         f"- evaluation: {n} samples per problem, Avg@{n} and unbiased Pass@{n} (%), per "
         + ("tiny-task level (the tiny test split)" if a.preset == "tiny" else "benchmark") + "; average = macro over columns",
         "", "## Main table (layout of the paper's Table 1)", "", results_table(res, main_runs, bench_names, n), ""]
@@ -384,7 +387,7 @@ def write_report(a, out, runs, seeds, bench_names, wall):
                   "sign flipped; tau0.5 / tau2: weight temperature; official: the released scripts' recipe (mean-1 "
                   "weights, reversed student weight, token-mean, student log-probs at the sampling temperature).", ""]
     lines += ["## Plots", ""]
-    for title, path in plots(out, res, list(runs), seeds, n).items():
+    for title, path in plots(out, res, runs, seeds, n).items():
         lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, Path(a.results_md).parent)})", ""]
     Path(a.results_md).write_text("\n".join(lines))
 

@@ -1264,14 +1264,23 @@ def field_docs(cls):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
-def parse_args(argv=None):
+def dataclass_cli(cls, argv=None, description="", dashes=False):
+    """argparse from a config dataclass: one flag per field, its docstring as help. Returns (parser, the fields
+    given on the command line). A bool flag alone means true (`--resume`), or takes a value (`--resume false`)."""
     import argparse
-    docs = field_docs(Args)
-    p = argparse.ArgumentParser(description="SCOPE training (one process or torchrun)")
-    for f in dataclasses.fields(Args):
+    docs = field_docs(cls)
+    p = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(cls):
+        flag = "--" + (f.name.replace("_", "-") if dashes else f.name)
+        extra = dict(nargs="?", const=True) if f.type is bool else {}
         kind = {bool: lambda s: s.lower() in ("1", "true", "yes"), int: int, float: float}.get(f.type, str)
-        p.add_argument(f"--{f.name}", type=kind, default=None, help=f"{docs.get(f.name, '')} (default: {f.default})")
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+        p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{docs.get(f.name, '')} (default: {f.default!r})",
+                       **extra)
+    return p, {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+
+
+def parse_args(argv=None):
+    p, given = dataclass_cli(Args, argv, "SCOPE training (one process or torchrun)")
     preset = given.get("preset", "tiny")
     if preset not in PRESETS:
         p.error(f"--preset must be one of {list(PRESETS)}")

@@ -4,7 +4,6 @@
     python -m eval --preset tiny --model .cache/scope/tiny-<hash>/student        # the embedded default
 """
 
-import argparse
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -219,13 +218,8 @@ def table(results):
 
 
 def main(argv=None):
-    docs = scope.field_docs(EvalArgs)
-    p = argparse.ArgumentParser(prog="python -m eval", description="Avg@k / Pass@k on the math benchmarks")
-    for f in dataclasses.fields(EvalArgs):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes"), int: int, float: float}.get(f.type, str)
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
-                       help=f"{docs.get(f.name, '')} (default: {f.default!r})")
-    args = EvalArgs(**vars(p.parse_args(argv)))
+    p, given = scope.dataclass_cli(EvalArgs, argv, "Avg@k / Pass@k on the math benchmarks", dashes=True)
+    args = EvalArgs(**given)
     if not args.model:
         p.error("--model is required")
     results = evaluate(args)
