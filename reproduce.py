@@ -84,6 +84,8 @@ class RArgs:
     """output directory"""
     results_md: str = "RESULTS.md"
     """the report to (re)write"""
+    report_only: bool = False
+    """train and evaluate nothing: rebuild the report from the files under --out"""
 
 
 def preset_settings(a):
@@ -148,7 +150,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
 
     t_start = time.time()
-    phases = [(r, s) for s in seeds for r in runs]
+    phases = [] if a.report_only else [(r, s) for s in seeds for r in runs]
     done_phases = 0
     for run, seed in phases:
         run_dir = out / "runs" / f"{run}-s{seed}"
@@ -187,8 +189,10 @@ def main(argv=None):
         done_phases += 1
     wall = time.time() - t_start
     if master:
-        with (out / "invocations.jsonl").open("a") as f:                     # every invocation that wrote here
-            f.write(json.dumps({"command": command_line(argv), "date": now(), "wall_s": round(wall)}) + "\n")
+        if phases:
+            with (out / "invocations.jsonl").open("a") as f:                 # every invocation that wrote here
+                f.write(json.dumps({"command": command_line(argv), "date": now(), "wall_s": round(wall),
+                                    "commit": git_commit()}) + "\n")
         write_report(a, out, runs, seeds, bench_names, wall)
         say(f"wrote {a.results_md} and {out / 'plots'} in {fmt_time(wall)}")
     if ddp:
@@ -254,6 +258,38 @@ def results_table(res, runs, bench_names, n):
     return "\n".join(lines)
 
 
+def ordering(res, n):
+    """The paper's claims (SCOPE > OPD > GRPO on Avg@k; SCOPE >= OPD on Pass@k), checked on the macro averages."""
+    def stat(run, key):
+        return mean_ci([100 * v for v in metric_values(res, run, "average", key)])
+
+    def show(run, key):
+        m, h = stat(run, key)
+        return f"{LABELS[run].lstrip('+ ')} {m:.1f}" + ("" if h is None else f" ± {h:.1f}")
+
+    if not all(r in res for r in ("scope", "opd", "grpo")):
+        return "Needs the scope, opd and grpo runs."
+    avg, pas = f"avg@{n}", f"pass@{n}"
+    (s, hs), (o, ho), (g, hg) = stat("scope", avg), stat("opd", avg), stat("grpo", avg)
+    (sp, hsp), (op, hop) = stat("scope", pas), stat("opd", pas)
+    intervals = hs is not None
+    sep = (lambda a, ha, b, hb: a - ha > b + hb) if intervals else (lambda a, ha, b, hb: False)
+    lines = [
+        f"- Avg@{n}, SCOPE > OPD > GRPO: **{'holds' if s > o > g else 'does not hold'}** on the means "
+        f"({show('scope', avg)}, {show('opd', avg)}, {show('grpo', avg)}).",
+        f"- Pass@{n}, SCOPE >= OPD: **{'holds' if sp >= op else 'does not hold'}** on the means "
+        f"({show('scope', pas)}, {show('opd', pas)}).",
+    ]
+    if intervals:
+        lines.append(f"- Separated by their 95% intervals: SCOPE vs OPD on Avg@{n}: "
+                     f"{'yes' if sep(s, hs, o, ho) or sep(o, ho, s, hs) else 'no (the intervals overlap)'}; OPD vs GRPO: "
+                     f"{'yes' if sep(o, ho, g, hg) or sep(g, hg, o, ho) else 'no (the intervals overlap)'}; SCOPE vs OPD on "
+                     f"Pass@{n}: {'yes' if sep(sp, hsp, op, hop) or sep(op, hop, sp, hsp) else 'no (the intervals overlap)'}.")
+    else:
+        lines.append("- One seed only: no intervals, so no ordering here is distinguishable from seed noise.")
+    return "\n".join(lines)
+
+
 def paper_table():
     cols = ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "average"]
     lines = ["| model (paper, not ours) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -267,6 +303,18 @@ def command_line(argv):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         cmd = f"torchrun --nproc_per_node={os.environ['WORLD_SIZE']} " + cmd[len("python "):]
     return cmd
+
+
+def git_commit():
+    """The code's commit, with '+changes' when the working tree differs from it ('' outside git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+                               text=True).stdout.strip()
+    except OSError:
+        return ""
+    return head + ("+changes" if dirty else "")
 
 
 def now():
@@ -312,6 +360,7 @@ def plots(out, res, runs, seeds, n):
             ax.plot(ks, ys, marker="o", label=LABELS.get(run, run))
     ax.set(xscale="log", xlabel="k", ylabel="Pass@k (%), macro average", title="Pass@k (unbiased)")
     ax.set_xticks(ks, [str(k) for k in ks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(pdir / "pass_at_k.png", dpi=110)
@@ -362,13 +411,15 @@ def write_report(a, out, runs, seeds, bench_names, wall):
     n = next(iter(next(iter(res.values())).values()))["config"]["n"]
     main_runs = [r for r in runs if not r.startswith("scope-")]
     seeds = sorted({s for r in main_runs for s in res[r]})
-    calls = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    log = out / "invocations.jsonl"
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     seed_note = "; ".join(f"{r}: {', '.join(map(str, sorted(res[r])))}" for r in runs)
     lines = [
         "# Results", "",
         f"Generated by `reproduce.py` from the files in `{out}/`; every number below comes from that run.", "",
         "- commands that produced these files (each skips what an earlier one finished), with date and wall time:",
-        *[f"  - `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])})" for c in calls],
+        *[f"  - `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])}"
+          + (f", code {c['commit']}" if c.get("commit") else "") + ")" for c in calls],
         f"- hardware: {hardware()}",
         f"- packages: {versions()}",
         f"- preset: {a.preset}{' (smoke settings: checks the pipeline, says nothing about the method)' if a.smoke else ''};"
@@ -386,6 +437,7 @@ def write_report(a, out, runs, seeds, bench_names, wall):
                   "no_teacher_w / no_student_w: that path's weights uniform; uniform: both; reversed_*: the exponent's "
                   "sign flipped; tau0.5 / tau2: weight temperature; official: the released scripts' recipe (mean-1 "
                   "weights, reversed student weight, token-mean, student log-probs at the sampling temperature).", ""]
+    lines += ["## Does the paper's ordering hold here?", "", ordering(res, n), ""]
     lines += ["## Plots", ""]
     for title, path in plots(out, res, runs, seeds, n).items():
         lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, Path(a.results_md).parent)})", ""]

@@ -6,10 +6,20 @@ Per prompt x the student samples N rollouts; a verifier marks each correct (R=1)
                         weighted by the teacher's inverse perplexity                (eq. 3, 5)
 Both weights are a softmax within one prompt's group and one path (eq. 4-5); the objective is eq. 6.
 
+    python scope.py                                      # tiny preset: builds its own task and models, CPU, offline
+    python scope.py --method opd                         # baselines: opd, grpo, kd
+    torchrun --nproc_per_node=2 scope.py                 # the same run on 2 processes (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node=8 scope.py --preset paper  # R1-Distill-Qwen-1.5B + Skywork-OR1-7B on DeepMath
+    python scope.py --help
+
 Sections, in the order of the algorithm:
   1. the math: token log-probs, perplexities, group-softmax weights, SCOPE / OPD / GRPO / KD losses
      (pure tensor functions: paste them into verl or TRL)
-  2. verifying answers: \boxed extraction and a safe, time-bounded sympy-based equivalence check
+  2. verifying answers: \\boxed extraction and a safe, time-bounded sympy-based equivalence check
+  3. the embedded default: a synthetic math task, a character tokenizer, tiny Qwen2 teacher and student
+  4. rollouts: seeded sampling with transformers generate, student and teacher token log-probs
+  5. the config dataclass (its field docstrings are the --help)
+  6. the training loop: one code path for one process and torchrun
 
 Notation (SCOPE_SPEC.md section 1), all over RESPONSE tokens only:
   logp         s_it  log pi_theta(a_it | ...)  student, current parameters, carries gradient
@@ -1069,7 +1079,6 @@ def row_seeds(*key_and_rows):
     return [int.from_bytes(hashlib.sha256(repr((*key, r)).encode()).digest()[:8], "little") >> 1 for r in rows]
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seeds=None,
              return_logits=False):
     """Sample n rollouts per prompt (rows prompt-major: row p*n + j). seeds: one per row for SeededGumbelSampler,
@@ -1090,13 +1099,13 @@ def generate(model, tokenizer, prompts, n, max_new_tokens, temperature=1.0, top_
         procs = [TemperatureLogitsWarper(temperature)]
         procs += [TopKLogitsWarper(top_k)] if top_k > 0 else []
         procs += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-        cfg = GenerationConfig(do_sample=False, **common)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg,
-                             logits_processor=LogitsProcessorList(procs + [SeededGumbelSampler(seeds)]))
+        cfg, kw = GenerationConfig(do_sample=False, **common), dict(
+            logits_processor=LogitsProcessorList(procs + [SeededGumbelSampler(seeds)]))
     else:
-        cfg = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg)
-    response_ids = out.sequences[:, prompt_ids.shape[1]:]                          # (B*n, T)
+        cfg, kw = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common), {}
+    with torch.inference_mode():
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg, **kw)
+    response_ids = out.sequences[:, prompt_ids.shape[1]:].clone()                  # (B*n, T); clone: a normal tensor
     is_eos = response_ids == tokenizer.eos_token_id
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0                           # strictly after the first eos
     response_mask = (~after_eos).long()
@@ -1106,7 +1115,7 @@ def generate(model, tokenizer, prompts, n, max_new_tokens, temperature=1.0, top_
     result = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids * response_mask
                   + tokenizer.pad_token_id * (1 - response_mask), response_mask=response_mask, truncated=truncated)
     if return_logits:
-        result["sampler_logits"] = torch.stack(out.logits, dim=1)                  # (B*n, T, V) raw logits
+        result["sampler_logits"] = torch.stack(out.logits, dim=1).clone()          # (B*n, T, V) raw logits
     return result
 
 
@@ -1134,17 +1143,42 @@ def trim(batch):
     return out
 
 
-def teacher_logprobs(teacher, batch, micro_batch):
-    """Teacher log-probs of the student's response tokens (no grad), in length-sorted micro-batches to skip padding.
+def shared_prompt_logprobs(model, batch, n, temperature=1.0):
+    """sequence_logprobs for rows that come in groups of n with one prompt (rollouts of one prompt): each prompt
+    runs through the model once, and its KV cache is repeated for its n responses (with grad, the gradient flows
+    back through the repeated cache into the one prompt pass). -> (B, T) fp32."""
+    p_ids, p_mask = batch["prompt_ids"][::n], batch["prompt_mask"][::n]               # (G, P) one row per group
+    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(n)                                                  # (G*n) rows of prompt KV
+    attn = torch.cat([batch["prompt_mask"], batch["response_mask"]], 1)              # (B, P+T)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, p_ids.shape[1]:]                     # (B, T)
+    resp = model(input_ids=batch["response_ids"], attention_mask=attn, position_ids=pos, cache=cache).logits
+    first = out.logits[:, -1:].repeat_interleave(n, 0)                               # (B, 1, V) predicts token 0
+    logits = torch.cat([first, resp[:, :-1]], 1)                                     # (B, T, V)
+    return token_logprobs(logits, batch["response_ids"], temperature)
+
+
+def teacher_logprobs(teacher, batch, micro_batch, group_size=1):
+    """Teacher log-probs of the student's response tokens (no grad). Rows in groups of group_size rollouts of one
+    prompt share one prompt pass (shared_prompt_logprobs); otherwise rows go in length-sorted micro-batches.
     A failure raises: it never becomes a number (the official client's zero-fill would give a failed rollout the
     largest teacher weight)."""
     keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
-    order = torch.argsort(batch["response_mask"].sum(-1), descending=True)
+    rows = batch["response_ids"].shape[0]
+    if group_size > 1:
+        step = max(1, micro_batch // group_size) * group_size                      # whole groups per micro-batch
+        chunks = [torch.arange(i, min(i + step, rows)) for i in range(0, rows, step)]
+    else:
+        order = torch.argsort(batch["response_mask"].sum(-1), descending=True)
+        chunks = [order[i:i + micro_batch] for i in range(0, rows, micro_batch)]
     parts = []
     with torch.inference_mode():
-        for i in range(0, len(order), micro_batch):
-            idx = order[i:i + micro_batch]
-            parts.append((idx, sequence_logprobs(teacher, trim({k: batch[k][idx] for k in keys}))))
+        for idx in chunks:
+            part = trim({k: batch[k][idx] for k in keys})
+            lp = shared_prompt_logprobs(teacher, part, group_size) if group_size > 1 else sequence_logprobs(teacher, part)
+            parts.append((idx, lp))
     logp = torch.zeros(batch["response_ids"].shape, dtype=torch.float32, device=batch["response_ids"].device)
     for idx, lp in parts:                                                          # outside inference mode
         logp[idx, :lp.shape[1]] = lp
@@ -1236,6 +1270,8 @@ class Args:
     """torch CPU threads per process (1 is robust when cores are shared)"""
     dtype: str = "float32"
     """float32 | bfloat16 for student and teacher weights"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the student's backward pass (long responses on GPUs)"""
     log_sampler_gap: bool = True
     """log the mean |sampler - trainer| log-prob gap (keeps the sampler's logits: small vocabularies only)"""
     tiny_teacher_steps: int = TINY_TEACHER.sft_steps
@@ -1251,7 +1287,7 @@ PRESETS = {
                   data="zwhe99/DeepMath-103K", instruction="Please reason step by step, and put your final answer "
                   "within \\boxed{}.", prompts_per_step=256, micro_batch_prompts=1, max_new_tokens=12288,
                   temperature=0.6, lr=5e-5, steps=500, seeded_sampling=False, eval_every=0, save_every=20,
-                  dtype="bfloat16", log_sampler_gap=False, cache_dir=""),
+                  dtype="bfloat16", log_sampler_gap=False, cache_dir="", gradient_checkpointing=True),
 }
 
 
@@ -1453,6 +1489,8 @@ def train(args):
     ref = copy.deepcopy(student).eval() if args.method == "grpo" and args.grpo_kl_coef > 0 else None
     if ckpt is not None and ref is not None:
         ref = load_model(student_name, "student", args.dtype, device)   # the reference is the initial policy
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = 0
     if ckpt is not None:
@@ -1520,8 +1558,8 @@ def train(args):
         t0 = time.time()
         mb = args.micro_batch_prompts * n
         sb = args.score_micro_batch
-        logp_teacher = teacher_logprobs(teacher, batch, sb) if args.method in ("scope", "opd") else None
-        logp_ref = teacher_logprobs(ref, batch, sb) if ref is not None else None
+        logp_teacher = teacher_logprobs(teacher, batch, sb, n) if args.method in ("scope", "opd") else None
+        logp_ref = teacher_logprobs(ref, batch, sb, n) if ref is not None else None
         t["time/score"] = time.time() - t0
 
         # 4. one update: every normaliser is a count over the GLOBAL batch (all ranks), so the summed gradient of
@@ -1536,10 +1574,12 @@ def train(args):
         student.train()
         opt.zero_grad(set_to_none=True)
         logs, gap, nll = [], [], []
+        shared = n > 1 and not args.gradient_checkpointing            # one prompt pass per group (no GC + cache)
         for i in range(0, rewards.shape[0], mb):                      # whole prompt groups per micro-batch
             sl = slice(i, i + mb)
             part = trim({k: v[sl] for k, v in batch.items() if k != "truncated"})
-            logp = sequence_logprobs(student, part, lp_temp)          # (b, t) s_it, with grad
+            logp = (shared_prompt_logprobs(student, part, n, lp_temp) if shared  # (b, t) s_it, with grad
+                    else sequence_logprobs(student, part, lp_temp))
             logp_old = logp.detach()                                  # o_it: one update per batch, theta = theta_old
             mask, r, g, width = part["response_mask"], rewards[sl], group_ids[sl], logp.shape[1]
             if args.method == "scope":
@@ -1576,15 +1616,17 @@ def train(args):
                               sum(nll)])
         if world > 1:
             dist.all_reduce(stats)
-        record = {"step": step + 1, "loss": sum(v for m in logs for k, v in m.items() if k.startswith("loss/")),
-                  **{k: sum(m[k] for m in logs) / len(logs) for k in logs[0]},
+        losses = {k: sum(m[k] for m in logs) for k in logs[0] if k.startswith("loss/")}  # micro-batches sum up
+        if world > 1:                                                 # ... and so do ranks (global normalisers)
+            v = torch.tensor(list(losses.values()), dtype=torch.float64)
+            dist.all_reduce(v)
+            losses = dict(zip(losses, v.tolist()))
+        record = {"step": step + 1, "loss": sum(losses.values()),
+                  **{k: sum(m[k] for m in logs) / len(logs) for k in logs[0]}, **losses,
                   "train/reward_mean": float(stats[0] / stats[1]), "rollout/truncated_frac": float(stats[2] / stats[1]),
                   "rollout/mean_len": float(stats[3] / stats[1]), "train/grad_norm": float(grad_norm),
                   "rollout/nll_student": float(stats[4] / stats[3].clamp(min=1)),
                   "perf/tokens_per_s": float(stats[3]) / max(sum(t.values()), 1e-9), **t}
-        for k in ("loss/mle", "loss/opd", "loss/pg", "loss/kd"):      # summed over micro-batches, not averaged
-            if k in record:
-                record[k] = sum(m[k] for m in logs)
         if gap:
             record["rollout/sampler_gap"] = float(sum(gap) / len(gap))
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps) and master:

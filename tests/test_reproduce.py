@@ -36,6 +36,10 @@ def test_smoke_run_writes_results_tables_plots_and_resumes(micro_models, tmp_pat
     out = capsys.readouterr().out
     assert out.count("training done earlier") == 4 and out.count("evaluation done earlier") == 5
     assert (results / "runs" / "scope-s0" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert "## Does the paper's ordering hold here?" in md
+    (tmp_path / "RESULTS.md").unlink()
+    reproduce.main([*smoke_argv(micro_models, tmp_path), "--report-only"])   # the report from the files alone
+    assert "+ SCOPE" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_smoke_run_under_torchrun(micro_models, tmp_path):

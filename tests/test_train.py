@@ -181,6 +181,9 @@ def test_torchrun_two_ranks_equals_one_process(micro_models, tmp_path):
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = params(one), params(two)
+    for r1, r2 in zip(read_metrics(one), read_metrics(two)):          # logged losses are global sums too
+        assert math.isclose(r1["loss"], r2["loss"], rel_tol=1e-5, abs_tol=1e-6)
+        assert r1["train/reward_mean"] == r2["train/reward_mean"]   # the same rollouts on 1 and 2 ranks
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
