@@ -12,7 +12,6 @@ RESULTS.md is rebuilt from those files alone.
 
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import torch
 
 import scope
 from eval import benchmarks, metrics
-from eval.run import EvalArgs, evaluate
+from eval.run import EvalArgs, evaluate, versions
 
 METHODS = ["base", "grpo", "kd", "opd", "scope"]
 LABELS = {"base": "student (no training)", "grpo": "+ GRPO", "kd": "+ KD", "opd": "+ OPD", "scope": "+ SCOPE"}
@@ -193,7 +192,7 @@ def main(argv=None):
             with (out / "invocations.jsonl").open("a") as f:                 # every invocation that wrote here
                 f.write(json.dumps({"command": command_line(argv), "date": now(), "wall_s": round(wall),
                                     "commit": git_commit()}) + "\n")
-        write_report(a, out, runs, seeds, bench_names, wall)
+        write_report(a, out, bench_names)
         say(f"wrote {a.results_md} and {out / 'plots'} in {fmt_time(wall)}")
     if ddp:
         dist.destroy_process_group()
@@ -334,16 +333,6 @@ def hardware():
     return f"{cpu}, {os.cpu_count()} CPU cores{gpu}"
 
 
-def versions():
-    out = [f"python {platform.python_version()}"]
-    for pkg in ("torch", "transformers", "tokenizers", "sympy", "matplotlib"):
-        try:
-            out.append(f"{pkg} {importlib.metadata.version(pkg)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return ", ".join(out)
-
-
 def plots(out, res, runs, seeds, n):
     """Pass@k curves (Fig. 4), training dynamics (Fig. 3), ablation bars (Fig. 5). Returns {title: path}."""
     import matplotlib
@@ -403,7 +392,7 @@ def plots(out, res, runs, seeds, n):
     return made
 
 
-def write_report(a, out, runs, seeds, bench_names, wall):
+def write_report(a, out, bench_names):
     res = load_results(out)
     if not res:
         raise SystemExit(f"no evaluation results under {out}")
@@ -421,7 +410,7 @@ def write_report(a, out, runs, seeds, bench_names, wall):
         *[f"  - `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])}"
           + (f", code {c['commit']}" if c.get("commit") else "") + ")" for c in calls],
         f"- hardware: {hardware()}",
-        f"- packages: {versions()}",
+        f"- packages: {', '.join(f'{k} {v}' for k, v in versions().items())}",
         f"- preset: {a.preset}{' (smoke settings: checks the pipeline, says nothing about the method)' if a.smoke else ''};"
         f" seeds per run: {seed_note}; cells are the mean over a run's seeds, ± the 95% t-interval when it has"
         " more than one",

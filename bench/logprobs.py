@@ -66,7 +66,7 @@ def main():
         print(json.dumps(one(a.one[0], a.one[1], a.tokens, a.vocab, a.repeats, a.device)))
         return
     print(f"logits 1 x {a.tokens} x {a.vocab}, device {a.device}, {a.repeats} repeats (median), 1 torch thread")
-    print(f"| dtype | method | peak extra memory (MiB) | median time (s) |\n|---|---|---|---|")
+    print("| dtype | method | peak extra memory (MiB) | median time (s) |\n|---|---|---|---|")
     for dtype in ("float32", "bfloat16"):
         res = {}
         for method in ("naive", "chunked"):

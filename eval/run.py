@@ -197,7 +197,7 @@ def model_identity(name):
 
 def versions():
     out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "transformers", "tokenizers", "sympy", "vllm"):
+    for pkg in ("torch", "transformers", "tokenizers", "sympy", "matplotlib", "vllm"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
