@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import scope
+import tiny_testbed
 from eval import benchmarks, metrics
 from eval.run import EvalArgs, evaluate, versions
 
@@ -98,7 +99,7 @@ def preset_settings(a):
         train = dict(steps=50, eval_every=10, eval_problems=64, eval_k=4, save_every=10,
                      log_sampler_gap=False)
         ev = dict(preset="tiny", n=8, limit=32)
-        names = [f"{benchmarks.TINY}-{level}" for level in scope.TINY_LEVELS]
+        names = [f"{benchmarks.TINY}-{level}" for level in tiny_testbed.TINY_LEVELS]
     if a.smoke:
         train.update(steps=2, prompts_per_step=4, n_rollouts=4, micro_batch_prompts=2, max_new_tokens=48,
                      eval_every=2, eval_problems=4, eval_k=2, save_every=1)
@@ -172,7 +173,7 @@ def main(argv=None):
             model_dir = run_dir / "checkpoint"
         if model_dir is None:
             if not targs.student:                     # the tiny student, built (or reused) like in training
-                model_dir = scope.build_tiny_models(targs.cache_dir, log=say)[0] if master else None
+                model_dir = tiny_testbed.build_tiny_models(targs.cache_dir, log=say)[0] if master else None
             else:
                 model_dir = targs.student
         # -- evaluate (rank 0; evaluate() itself skips finished problems)

@@ -16,10 +16,11 @@ Sections, in the order of the algorithm:
   1. the math: token log-probs, perplexities, group-softmax weights, SCOPE / OPD / GRPO / KD losses
      (pure tensor functions: paste them into verl or TRL)
   2. verifying answers: \\boxed extraction and a safe, time-bounded sympy-based equivalence check
-  3. the embedded default: a synthetic math task, a character tokenizer, tiny Qwen2 teacher and student
-  4. rollouts: seeded sampling with transformers generate, student and teacher token log-probs
-  5. the config dataclass (its field docstrings are the --help)
-  6. the training loop: one code path for one process and torchrun
+  3. rollouts: seeded sampling with transformers generate, student and teacher token log-probs
+  4. the config dataclass (its field docstrings are the --help)
+  5. the training loop: one code path for one process and torchrun, one function per phase
+The embedded default (a synthetic task, a character tokenizer, tiny Qwen2 teacher and student built on the spot)
+is the harness's tiny_testbed.py; it is imported, lazily, only when no --student/--teacher/--data are given.
 
 Notation (SCOPE_SPEC.md section 1), all over RESPONSE tokens only:
   logp         s_it  log pi_theta(a_it | ...)  student, current parameters, carries gradient
@@ -895,85 +896,8 @@ def pass_at_k(n, c, k):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. The embedded default: a synthetic math task, a character tokenizer, tiny Qwen2 teacher and student
+# 3. Rollouts: sampling with transformers generate, and token log-probs of student and teacher
 # ----------------------------------------------------------------------------------------------------
-# Everything here is built locally, so `python scope.py` runs on a laptop CPU with no internet.
-TINY_LEVELS = ("add3", "add4", "add5", "frac")   # 3/4/5-term +/- chains of digits; same-denominator fractions
-
-
-def tiny_problem(rng, level):
-    """One problem: {"problem", "answer", "solution", "level"}; the solution is a chain of thought ending in \\boxed{}."""
-    if level == "frac":
-        den = rng.randint(2, 9)
-        a, b = rng.randint(1, den), rng.randint(1, den)
-        gold = sympy.Rational(a + b, den)                      # reduced gold; the model writes \frac{a+b}{den}
-        answer = str(gold.p) if gold.q == 1 else f"\\frac{{{gold.p}}}{{{gold.q}}}"
-        return {"problem": f"{a}/{den}+{b}/{den}=?", "answer": answer, "level": level,
-                "solution": f"{a}+{b}={a + b} \\boxed{{\\frac{{{a + b}}}{{{den}}}}}"}
-    n_terms = int(level[-1])
-    total = rng.randint(0, 9)
-    text, steps = str(total), []
-    for _ in range(n_terms - 1):
-        x, op = rng.randint(0, 9), rng.choice("+-")
-        if op == "-" and total - x < 0:                        # keep the running total >= 0
-            op = "+"
-        new = total + x if op == "+" else total - x
-        text += f"{op}{x}"
-        steps.append(f"{total}{op}{x}={new}")
-        total = new
-    return {"problem": f"{text}=?", "answer": str(total), "level": level,
-            "solution": "; ".join(steps) + f" \\boxed{{{total}}}"}
-
-
-def tiny_task(split, n, seed=0):
-    """Deterministic train/test problems, levels cycling; test and train streams use disjoint seeds."""
-    rng = random.Random(f"{split}-{seed}")
-    return [dict(tiny_problem(rng, TINY_LEVELS[i % len(TINY_LEVELS)]), id=f"tiny-{split}-{i}") for i in range(n)]
-
-
-CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %} A: {% endif %}")
-
-
-def tiny_tokenizer():
-    """Character-level tokenizer (printable ASCII) wrapped as a transformers PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>"] + [chr(c) for c in range(32, 127)])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-@dataclasses.dataclass
-class TinyModel:
-    """Size and supervised pre-training of one tiny model (Qwen2 architecture, as the paper's students)."""
-    hidden: int
-    layers: int
-    heads: int
-    sft_steps: int
-    sft_lr: float
-    sft_batch: int = 64
-    warmup: int = 30
-    cosine: bool = False      # decay the lr to 10% over the run (after warm-up)
-
-
-TINY_TEACHER = TinyModel(hidden=192, layers=4, heads=6, sft_steps=380, sft_lr=2e-3, cosine=True)
-TINY_STUDENT = TinyModel(hidden=96, layers=3, heads=4, sft_steps=280, sft_lr=3e-3)
-
-
-def tiny_model_config(spec, tokenizer):
-    from transformers import Qwen2Config
-    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=4 * spec.hidden,
-                       num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-                       max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-
-
 def prompt_text(tokenizer, problem, instruction=""):
     """The chat-templated prompt: the problem, then the instruction (paper: "Please reason step by step...")."""
     content = problem + (" " + instruction if instruction else "")
@@ -981,79 +905,6 @@ def prompt_text(tokenizer, problem, instruction=""):
                                          add_generation_prompt=True)
 
 
-def sft(model, tokenizer, rows, spec, seed, desc):
-    """Supervised training on gold solutions; loss on the answer tokens and eos only."""
-    from tqdm import tqdm
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, betas=(0.9, 0.98), weight_decay=0.0)
-    def lr_factor(s):
-        decay = 0.55 + 0.45 * math.cos(math.pi * s / spec.sft_steps) if spec.cosine else 1.0
-        return min(1.0, (s + 1) / spec.warmup) * decay
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    model.train()
-    for _ in tqdm(range(spec.sft_steps), desc=desc, leave=False):
-        idx = torch.randint(0, len(rows), (spec.sft_batch,), generator=g).tolist()
-        prompts = [tokenizer(prompt_text(tokenizer, rows[i]["problem"]), add_special_tokens=False)["input_ids"] for i in idx]
-        answers = [tokenizer(rows[i]["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for i in idx]
-        length = max(len(p) + len(a) for p, a in zip(prompts, answers))
-        ids = torch.full((len(idx), length), tokenizer.pad_token_id)
-        labels = torch.full((len(idx), length), -100)
-        for r, (p, a) in enumerate(zip(prompts, answers)):
-            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
-            labels[r, len(p):len(p) + len(a)] = torch.tensor(a)
-        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    model.eval()
-    return model
-
-
-def build_tiny_models(cache_dir, teacher=TINY_TEACHER, student=TINY_STUDENT, seed=0, log=print):
-    """Build (or reuse from cache_dir, keyed by their config) the tiny tokenizer, teacher and student.
-    Returns (student_dir, teacher_dir). Only one process builds; torchrun ranks wait on a lock file."""
-    from transformers import AutoModelForCausalLM
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(teacher), dataclasses.asdict(student), seed, TINY_LEVELS,
-                                     "tiny-v2"]).encode()).hexdigest()[:12]
-    root = Path(cache_dir) / f"tiny-{key}"
-    dirs = root / "student", root / "teacher"
-    if (root / "DONE").exists():
-        return dirs
-    root.mkdir(parents=True, exist_ok=True)
-    lock = root / "LOCK"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL)
-    except FileExistsError:                                    # another process builds: wait for it
-        while not (root / "DONE").exists():
-            time.sleep(1)
-        return dirs
-    os.close(fd)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads, min(2, os.cpu_count() or 1)))   # a lone process: 2 threads train ~1.7x faster
-    try:
-        tokenizer = tiny_tokenizer()
-        rows = tiny_task("train", 20000, seed)
-        for name, spec, out in (("teacher", teacher, dirs[1]), ("student", student, dirs[0])):
-            t0 = time.time()
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(tiny_model_config(spec, tokenizer))
-            sft(model, tokenizer, rows, spec, seed, f"building tiny {name}")
-            model.save_pretrained(out)
-            tokenizer.save_pretrained(out)
-            log(f"built tiny {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-                f"{spec.sft_steps} SFT steps) in {time.time() - t0:.0f}s -> {out}")
-        (root / "DONE").touch()
-    finally:
-        lock.unlink(missing_ok=True)
-        torch.set_num_threads(threads)
-    return dirs
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. Rollouts: sampling with transformers generate, and token log-probs of student and teacher
-# ----------------------------------------------------------------------------------------------------
 class SeededGumbelSampler:
     """A logits processor that makes sampling a pure function of each row's own seed.
 
@@ -1096,8 +947,7 @@ def generate(model, tokenizer, prompts, n, max_new_tokens, temperature=1.0, top_
     if seeds is not None:
         if len(seeds) != prompt_ids.shape[0]:
             raise ValueError(f"seeds has {len(seeds)} entries, expected {prompt_ids.shape[0]} (one per rollout)")
-        procs = [TemperatureLogitsWarper(temperature)]
-        procs += [TopKLogitsWarper(top_k)] if top_k > 0 else []
+        procs = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
         procs += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
         cfg, kw = GenerationConfig(do_sample=False, **common), dict(
             logits_processor=LogitsProcessorList(procs + [SeededGumbelSampler(seeds)]))
@@ -1188,7 +1038,7 @@ def teacher_logprobs(teacher, batch, micro_batch, group_size=1):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Config
+# 4. Config
 # ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Args:
@@ -1267,17 +1117,18 @@ class Args:
     resume: bool = False
     """continue from out_dir/checkpoint"""
     threads: int = 1
-    """torch CPU threads per process (1 is robust when cores are shared)"""
+    """torch CPU threads per process, also for building the tiny models (1: on a loaded machine 2 threads run
+    several times slower than 1; README, "thread count")"""
     dtype: str = "float32"
     """float32 | bfloat16 for student and teacher weights"""
     gradient_checkpointing: bool = False
     """recompute activations in the student's backward pass (long responses on GPUs)"""
     log_sampler_gap: bool = True
     """log the mean |sampler - trainer| log-prob gap (keeps the sampler's logits: small vocabularies only)"""
-    tiny_teacher_steps: int = TINY_TEACHER.sft_steps
-    """SFT steps of the tiny teacher"""
-    tiny_student_steps: int = TINY_STUDENT.sft_steps
-    """SFT steps of the tiny student"""
+    tiny_teacher_steps: int = 0
+    """SFT steps of the tiny teacher (0: the testbed's default)"""
+    tiny_student_steps: int = 0
+    """SFT steps of the tiny student (0: the testbed's default)"""
 
 
 PRESETS = {
@@ -1327,8 +1178,19 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Training: one code path for one process and for torchrun (gloo on CPU, NCCL on GPU)
+# 5. Training: one code path for one process and for torchrun (gloo on CPU, NCCL on GPU)
 # ----------------------------------------------------------------------------------------------------
+def all_reduce(values, device):
+    """Sum a list of numbers over ranks. EVERY collective on data goes through here: the tensor lives on the loop's
+    device, because an NCCL process group has no CPU backend ("No backend type associated with device type cpu")."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def load_model(name, what, dtype=None, device="cpu"):
     """A causal LM (dtype given) or its tokenizer (dtype None), with a clear error when it cannot be reached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -1351,10 +1213,8 @@ def _load_tokenizer(name, auto, fast):
     return auto.from_pretrained(name)
 
 
-def load_problems(data, rows_if_empty):
-    """Training problems: tiny task, a local JSONL (problem, answer), or a Hugging Face dataset id."""
-    if not data:
-        return rows_if_empty
+def load_problems(data):
+    """Training problems from a local JSONL (fields problem, answer) or a Hugging Face dataset id."""
     path = Path(data)
     if path.exists():
         rows = []
@@ -1377,6 +1237,21 @@ def load_problems(data, rows_if_empty):
     return [{"id": str(i), "problem": r[cols[0]], "answer": str(r[cols[1]])} for i, r in enumerate(ds)]
 
 
+def embedded_default(args, log):
+    """The tiny testbed (a harness module, imported only here): its models and task fill whatever the user did not
+    name. Returns (student, teacher, train rows or None, test rows)."""
+    import tiny_testbed as tb
+    student, teacher = args.student, args.teacher
+    if not student or not teacher:
+        t_spec = dataclasses.replace(tb.TINY_TEACHER, sft_steps=args.tiny_teacher_steps or tb.TINY_TEACHER.sft_steps)
+        s_spec = dataclasses.replace(tb.TINY_STUDENT, sft_steps=args.tiny_student_steps or tb.TINY_STUDENT.sft_steps)
+        dirs = tb.build_tiny_models(args.cache_dir, t_spec, s_spec, seed=0, log=log, threads=args.threads)
+        student, teacher = student or str(dirs[0]), teacher or str(dirs[1])
+    if args.data:                                                     # periodic eval: the tiny task's test split
+        return student, teacher, None, []
+    return student, teacher, tb.tiny_task("train", 20000, args.seed), tb.tiny_task("test", args.eval_problems, args.seed)
+
+
 def step_prompts(step, n_rows, per_step, seed):
     """Global prompt indices of a step: epoch-wise permutations of the data, so step s is known without state."""
     out = []
@@ -1386,8 +1261,138 @@ def step_prompts(step, n_rows, per_step, seed):
     return out
 
 
+def setup(args):
+    """Ranks, device, seeds, output directory. Returns (rank, world, device, owns_process_group)."""
+    import torch.distributed as dist
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    own_group = ddp and not dist.is_initialized()                   # a caller (reproduce.py) may hold the group
+    if own_group:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    if rank == 0:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        print("config:\n" + "\n".join(f"  {k:22s} {v}" for k, v in dataclasses.asdict(args).items()), flush=True)
+        (Path(args.out_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
+    return rank, world, device, own_group
+
+
+def load_models(args, student_name, teacher_name, ckpt, device):
+    """(tokenizer, student, teacher or None, GRPO reference or None, optimizer)."""
+    import copy
+    tokenizer = load_model(student_name, "student")
+    student = load_model(str(ckpt) if ckpt else student_name, "student", args.dtype, device)
+    teacher = load_model(teacher_name, "teacher", args.dtype, device) if args.method in ("scope", "opd", "kd") else None
+    if teacher is not None and load_model(teacher_name, "teacher").get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"student {student_name} and teacher {teacher_name} do not share a tokenizer: the "
+                         "teacher must score the student's own token ids")
+    ref = None
+    if args.method == "grpo" and args.grpo_kl_coef > 0:                # the reference is the initial policy
+        ref = load_model(student_name, "student", args.dtype, device) if ckpt else copy.deepcopy(student).eval()
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return tokenizer, student, teacher, ref, opt
+
+
+def sample_rollouts(args, step, student, teacher, tokenizer, rows, idx, my, kd_cache, device):
+    """Phase 1: N rollouts per prompt from the student (KD: the teacher's samples, generated once and cached)."""
+    if args.method != "kd":
+        prompts = [prompt_text(tokenizer, rows[idx[j]]["problem"], args.instruction) for j in my]
+        seeds = row_seeds(args.seed, step, [(j, i) for j in my for i in range(args.n_rollouts)]) if args.seeded_sampling else None
+        return generate(student, tokenizer, prompts, args.n_rollouts, args.max_new_tokens, args.temperature,
+                        args.top_p, args.top_k, seeds, return_logits=args.log_sampler_gap)
+    n = args.kd_samples
+    missing = [j for j in my if idx[j] not in kd_cache]
+    if missing:
+        prompts = [prompt_text(tokenizer, rows[idx[j]]["problem"], args.instruction) for j in missing]
+        seeds = row_seeds(args.seed, "kd", [(idx[j], i) for j in missing for i in range(n)]) if args.seeded_sampling else None
+        b = generate(teacher, tokenizer, prompts, n, args.max_new_tokens, args.temperature, args.top_p, args.top_k, seeds)
+        for q, j in enumerate(missing):
+            kd_cache[idx[j]] = {k: v[q * n:(q + 1) * n].cpu() for k, v in b.items()}
+    parts = [kd_cache[idx[j]] for j in my]
+    return {k: _pad_cat([p[k] for p in parts], k, tokenizer.pad_token_id).to(device) for k in parts[0]}
+
+
+def verify_rollouts(tokenizer, batch, golds, n, device):
+    """Phase 2: R_i in {0, 1}: the last \\boxed answer equals the gold one, and the response was not cut off."""
+    texts = tokenizer.batch_decode(batch["response_ids"] * batch["response_mask"], skip_special_tokens=True)
+    return torch.tensor([reward(texts[i], golds[i // n], bool(batch["truncated"][i])) for i in range(len(texts))],
+                        device=device)                                # (B*n,)
+
+
+def micro_batch_loss(args, student, part, rewards, group_ids, advantages, logp_teacher, logp_ref, counts, n, lp_temp):
+    """Phase 4, one micro-batch of whole prompt groups: s_it with gradient, then the method's loss (section 1)."""
+    shared = n > 1 and not args.gradient_checkpointing               # one prompt pass per group (no GC + cache)
+    logp = (shared_prompt_logprobs(student, part, n, lp_temp) if shared   # (b, t) s_it, with grad
+            else sequence_logprobs(student, part, lp_temp))
+    logp_old = logp.detach()                                          # o_it: one update per batch, theta = theta_old
+    mask, width = part["response_mask"], logp.shape[1]
+    if args.method == "scope":
+        lp_t = logp_teacher[:, :width]                                # (b, t) T_it
+        w = scope_weights(logp_old, lp_t, mask, group_ids, rewards, args.tau, args.weight_norm, args.student_weight,
+                          args.teacher_weight)                        # eq. 4-5
+        loss, m = scope_loss(logp, logp_old, lp_t, mask, rewards, w, group_ids, args.loss_agg, counts)  # eq. 6
+    elif args.method == "opd":
+        loss, m = opd_loss(logp, logp_old, logp_teacher[:, :width], mask, group_ids, args.loss_agg, counts)
+    elif args.method == "grpo":
+        ref = logp_ref[:, :width] if logp_ref is not None else logp_old
+        loss, m = grpo_loss(logp, logp_old, ref, mask, advantages, args.grpo_clip, args.grpo_kl_coef, counts)
+    else:
+        loss, m = kd_loss(logp, mask, counts)
+    return loss, m, logp_old
+
+
+def update_student(args, student, opt, batch, rewards, group_ids, logp_teacher, logp_ref, sampler_logits, device):
+    """Phase 4: one optimizer step. Every normaliser is a count over the GLOBAL batch (all ranks), so the summed
+    gradient of the micro-batches, summed over ranks, is the gradient of the full batch (README: normalisation)."""
+    import torch.distributed as dist
+    n = args.n_rollouts if args.method != "kd" else args.kd_samples
+    lp_temp = args.temperature if args.logprob_temperature == "sampling" else 1.0
+    local = batch_counts(batch["response_mask"], rewards, group_ids)
+    counts = dict(zip(local, all_reduce(local.values(), device)))
+    advantages = grpo_advantages(rewards, group_ids) if args.method == "grpo" else None
+    student.train()
+    opt.zero_grad(set_to_none=True)
+    logs, gap, nll, mb = [], [], 0.0, args.micro_batch_prompts * n
+    for i in range(0, rewards.shape[0], mb):                          # whole prompt groups per micro-batch
+        sl = slice(i, i + mb)
+        part = trim({k: v[sl] for k, v in batch.items() if k != "truncated"})
+        loss, m, logp_old = micro_batch_loss(
+            args, student, part, rewards[sl], group_ids[sl], advantages[sl] if advantages is not None else None,
+            logp_teacher[sl] if logp_teacher is not None else None, logp_ref[sl] if logp_ref is not None else None,
+            counts, n, lp_temp)
+        loss.backward()
+        logs.append(m)
+        mask = part["response_mask"]
+        nll += float(-(logp_old * mask).sum())                        # the student's NLL of its own tokens
+        if sampler_logits is not None:
+            s_lp = token_logprobs(sampler_logits[sl, :logp_old.shape[1]], part["response_ids"], lp_temp)
+            gap.append(float(((s_lp - logp_old).abs() * mask).sum() / mask.sum().clamp(min=1)))
+    if dist.is_initialized() and dist.get_world_size() > 1:           # sum (not mean): losses use global counts
+        for p in student.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+    opt.step()
+    student.eval()
+    losses = {k: sum(m[k] for m in logs) for k in logs[0] if k.startswith("loss/")}   # micro-batches sum up ...
+    record = {k: sum(m[k] for m in logs) / len(logs) for k in logs[0]}
+    record.update(zip(losses, all_reduce(losses.values(), device)))   # ... and so do ranks (global normalisers)
+    record.update({"loss": sum(record[k] for k in losses), "train/grad_norm": float(grad_norm), "_nll": nll})
+    if gap:
+        record["rollout/sampler_gap"] = sum(gap) / len(gap)
+    return record
+
+
 def evaluate(model, tokenizer, rows, k, args, seed_key):
-    """Avg@k and unbiased Pass@k per tiny level and overall, sampling like training."""
+    """Avg@k and unbiased Pass@k per level (rows' "level" field) and overall, sampling like training."""
     per_level = {}
     for start in range(0, len(rows), 16):
         chunk = rows[start:start + 16]
@@ -1405,33 +1410,28 @@ def evaluate(model, tokenizer, rows, k, args, seed_key):
     return out
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def save_checkpoint(out, step, model, tokenizer, opt, args, rank, world, dist):
+def save_checkpoint(out, step, model, tokenizer, opt, args, rank, world):
     """Atomic: everything goes to checkpoint.tmp, which then replaces checkpoint in one rename."""
+    import torch.distributed as dist
+    barrier = dist.barrier if world > 1 else (lambda: None)
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if world > 1:
-        dist.barrier()
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")             # every rank's RNG state
+    barrier()
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, "config": dataclasses.asdict(args)}))
-    if world > 1:
-        dist.barrier()
+    barrier()
     if rank == 0:
         if final.exists():
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
-    if world > 1:
-        dist.barrier()
+    barrier()
 
 
 def latest_checkpoint(out):
@@ -1441,205 +1441,88 @@ def latest_checkpoint(out):
     return None
 
 
+def resume(ckpt, opt, rank, out):
+    """Restore optimizer and RNG state; drop metric lines the checkpoint does not cover. Returns the start step."""
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    start = json.loads((ckpt / "state.json").read_text())["step"]
+    path = out / "metrics.jsonl"
+    if rank == 0 and path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        path.write_text("".join(line + "\n" for line in kept))
+    return start
+
+
 def train(args):
     """The SCOPE loop: sample N rollouts per prompt, verify, score with the teacher, one weighted update."""
-    import copy
     import torch.distributed as dist
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
-
-    # -- setup: ranks, seeds, output
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    own_group = ddp and not dist.is_initialized()                   # a caller (reproduce.py) may hold the group
-    if own_group:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if ddp:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    master = rank == 0
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
+    rank, world, device, own_group = setup(args)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    student_name, teacher_name, rows, test_rows = args.student, args.teacher, None, []
+    if not (args.student and args.teacher and args.data):             # the embedded default fills the gaps
+        student_name, teacher_name, rows, test_rows = embedded_default(args, say)
+    rows = rows or load_problems(args.data)
+    if args.eval_every and not test_rows:
+        say("eval_every: periodic evaluation runs on the tiny task only; evaluate checkpoints with `python -m eval`")
     out = Path(args.out_dir)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        print("config:\n" + "\n".join(f"  {k:22s} {v}" for k, v in dataclasses.asdict(args).items()), flush=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-    say = print if master else (lambda *a, **k: None)
-
-    # -- models: the tiny ones are built once (rank 0; the other ranks wait on its lock) and cached
-    student_name, teacher_name = args.student, args.teacher
-    if not student_name or not teacher_name:
-        tiny = build_tiny_models(args.cache_dir, dataclasses.replace(TINY_TEACHER, sft_steps=args.tiny_teacher_steps),
-                                 dataclasses.replace(TINY_STUDENT, sft_steps=args.tiny_student_steps), log=say)
-        student_name, teacher_name = student_name or str(tiny[0]), teacher_name or str(tiny[1])
     ckpt = latest_checkpoint(out) if args.resume else None
-    tokenizer = load_model(student_name, "student")
-    student = load_model(str(ckpt) if ckpt else student_name, "student", args.dtype, device)
-    teacher = load_model(teacher_name, "teacher", args.dtype, device) if args.method in ("scope", "opd", "kd") else None
-    if teacher is not None:
-        if load_model(teacher_name, "teacher").get_vocab() != tokenizer.get_vocab():
-            raise SystemExit(f"student {student_name} and teacher {teacher_name} do not share a tokenizer: the "
-                             "teacher must score the student's own token ids")
-    ref = copy.deepcopy(student).eval() if args.method == "grpo" and args.grpo_kl_coef > 0 else None
-    if ckpt is not None and ref is not None:
-        ref = load_model(student_name, "student", args.dtype, device)   # the reference is the initial policy
-    if args.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start = 0
-    if ckpt is not None:
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-        state = json.loads((ckpt / "state.json").read_text())
-        start = state["step"]
-        rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
+    tokenizer, student, teacher, ref, opt = load_models(args, student_name, teacher_name, ckpt, device)
+    start = resume(ckpt, opt, rank, out) if ckpt else 0
+    if ckpt:
         say(f"resumed from {ckpt} at step {start}")
-    if world > 1:                                                    # identical starting weights on every rank
+    elif rank == 0:
+        (out / "metrics.jsonl").write_text("")
+    if world > 1:                                                     # identical starting weights on every rank
         for p in student.parameters():
             dist.broadcast(p.data, 0)
-    metrics_path = out / "metrics.jsonl"
-    if master:                                                       # drop lines the checkpoint does not cover
-        kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] \
-            if metrics_path.exists() and start > 0 else []
-        metrics_path.write_text("".join(l + "\n" for l in kept))
-
-    rows = load_problems(args.data, tiny_task("train", 20000, args.seed))
-    test_rows = tiny_task("test", args.eval_problems, args.seed) if args.eval_every else []
-    lp_temp = args.temperature if args.logprob_temperature == "sampling" else 1.0
     kd_cache = {}
-
-    # -- the loop
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.method}", disable=not master)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, disable=rank != 0)
     for step in bar:
-        t = {}
-        global_idx = step_prompts(step, len(rows), args.prompts_per_step, args.seed)
-        my = list(range(rank, len(global_idx), world))               # positions in the global batch
-        prompts = [prompt_text(tokenizer, rows[global_idx[j]]["problem"], args.instruction) for j in my]
-        golds = [rows[global_idx[j]]["answer"] for j in my]
-
-        # 1. rollouts: the student samples N per prompt (KD: the teacher's cached samples instead)
-        t0 = time.time()
-        if args.method == "kd":
-            n = args.kd_samples
-            missing = [j for j in my if global_idx[j] not in kd_cache]
-            if missing:
-                b = generate(teacher, tokenizer, [prompt_text(tokenizer, rows[global_idx[j]]["problem"], args.instruction)
-                             for j in missing], n, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                             row_seeds(args.seed, "kd", [(global_idx[j], i) for j in missing for i in range(n)])
-                             if args.seeded_sampling else None)
-                for q, j in enumerate(missing):
-                    kd_cache[global_idx[j]] = {k: v[q * n:(q + 1) * n].cpu() for k, v in b.items()}
-            parts = [kd_cache[global_idx[j]] for j in my]
-            batch = {k: _pad_cat([p[k] for p in parts], k, tokenizer.pad_token_id).to(device) for k in parts[0]}
-        else:
-            n = args.n_rollouts
-            seeds = row_seeds(args.seed, step, [(j, i) for j in my for i in range(n)]) if args.seeded_sampling else None
-            batch = generate(student, tokenizer, prompts, n, args.max_new_tokens, args.temperature, args.top_p,
-                             args.top_k, seeds, return_logits=args.log_sampler_gap)
+        idx = step_prompts(step, len(rows), args.prompts_per_step, args.seed)
+        my = list(range(rank, len(idx), world))                       # this rank's positions in the global batch
+        n = args.n_rollouts if args.method != "kd" else args.kd_samples
+        t = {"time/generate": time.time()}
+        batch = sample_rollouts(args, step, student, teacher, tokenizer, rows, idx, my, kd_cache, device)  # 1. rollouts
         sampler_logits = batch.pop("sampler_logits", None)
-        t["time/generate"] = time.time() - t0
-
-        # 2. verify: R_i in {0, 1}
-        t0 = time.time()
-        texts = tokenizer.batch_decode(batch["response_ids"] * batch["response_mask"], skip_special_tokens=True)
-        rewards = torch.tensor([reward(texts[i], golds[i // n], bool(batch["truncated"][i])) for i in range(len(texts))],
-                               device=device)                        # (B*n,)
-        group_ids = torch.tensor(my, device=device).repeat_interleave(n)  # (B*n,) one id per global prompt
-        t["time/verify"] = time.time() - t0
-
-        # 3. teacher log-probs T_it of the sampled tokens (no grad); GRPO: reference log-probs
-        t0 = time.time()
-        mb = args.micro_batch_prompts * n
-        sb = args.score_micro_batch
-        logp_teacher = teacher_logprobs(teacher, batch, sb, n) if args.method in ("scope", "opd") else None
-        logp_ref = teacher_logprobs(ref, batch, sb, n) if ref is not None else None
-        t["time/score"] = time.time() - t0
-
-        # 4. one update: every normaliser is a count over the GLOBAL batch (all ranks), so the summed gradient of
-        #    the micro-batches, all-reduced over ranks, is the gradient of the full batch (README: normalisation)
-        t0 = time.time()
-        counts = batch_counts(batch["response_mask"], rewards, group_ids)
-        if world > 1:
-            c = torch.tensor(list(counts.values()), dtype=torch.float64)
-            dist.all_reduce(c)
-            counts = dict(zip(counts, c.tolist()))
-        advantages = grpo_advantages(rewards, group_ids) if args.method == "grpo" else None
-        student.train()
-        opt.zero_grad(set_to_none=True)
-        logs, gap, nll = [], [], []
-        shared = n > 1 and not args.gradient_checkpointing            # one prompt pass per group (no GC + cache)
-        for i in range(0, rewards.shape[0], mb):                      # whole prompt groups per micro-batch
-            sl = slice(i, i + mb)
-            part = trim({k: v[sl] for k, v in batch.items() if k != "truncated"})
-            logp = (shared_prompt_logprobs(student, part, n, lp_temp) if shared  # (b, t) s_it, with grad
-                    else sequence_logprobs(student, part, lp_temp))
-            logp_old = logp.detach()                                  # o_it: one update per batch, theta = theta_old
-            mask, r, g, width = part["response_mask"], rewards[sl], group_ids[sl], logp.shape[1]
-            if args.method == "scope":
-                lp_t = logp_teacher[sl, :width]                       # (b, t) T_it
-                w = scope_weights(logp_old, lp_t, mask, g, r, args.tau, args.weight_norm, args.student_weight,
-                                  args.teacher_weight)
-                loss, m = scope_loss(logp, logp_old, lp_t, mask, r, w, g, args.loss_agg, counts)
-            elif args.method == "opd":
-                loss, m = opd_loss(logp, logp_old, logp_teacher[sl, :width], mask, g, args.loss_agg, counts)
-            elif args.method == "grpo":
-                ref_lp = logp_ref[sl, :width] if logp_ref is not None else logp_old
-                loss, m = grpo_loss(logp, logp_old, ref_lp, mask, advantages[sl], args.grpo_clip, args.grpo_kl_coef,
-                                    counts)
-            else:
-                loss, m = kd_loss(logp, mask, counts)
-            loss.backward()
-            logs.append(m)
-            nll.append(float(-(logp_old * mask).sum()))              # the student's NLL of its own tokens
-            if sampler_logits is not None:
-                s_lp = token_logprobs(sampler_logits[sl, :width], part["response_ids"], lp_temp)
-                gap.append(((s_lp - logp_old).abs() * mask).sum() / mask.sum().clamp(min=1))
-        if world > 1:                                                 # sum (not mean): losses use global counts
-            for p in student.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        opt.step()
-        student.eval()
-        t["time/update"] = time.time() - t0
-
-        # 5. log (rank 0), evaluate, checkpoint
-        tokens = float(batch["response_mask"].sum())
-        stats = torch.tensor([float(rewards.sum()), float(rewards.numel()), float(batch["truncated"].sum()), tokens,
-                              sum(nll)])
-        if world > 1:
-            dist.all_reduce(stats)
-        losses = {k: sum(m[k] for m in logs) for k in logs[0] if k.startswith("loss/")}  # micro-batches sum up
-        if world > 1:                                                 # ... and so do ranks (global normalisers)
-            v = torch.tensor(list(losses.values()), dtype=torch.float64)
-            dist.all_reduce(v)
-            losses = dict(zip(losses, v.tolist()))
-        record = {"step": step + 1, "loss": sum(losses.values()),
-                  **{k: sum(m[k] for m in logs) / len(logs) for k in logs[0]}, **losses,
-                  "train/reward_mean": float(stats[0] / stats[1]), "rollout/truncated_frac": float(stats[2] / stats[1]),
-                  "rollout/mean_len": float(stats[3] / stats[1]), "train/grad_norm": float(grad_norm),
-                  "rollout/nll_student": float(stats[4] / stats[3].clamp(min=1)),
-                  "perf/tokens_per_s": float(stats[3]) / max(sum(t.values()), 1e-9), **t}
-        if gap:
-            record["rollout/sampler_gap"] = float(sum(gap) / len(gap))
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps) and master:
+        t["time/verify"] = time.time()
+        rewards = verify_rollouts(tokenizer, batch, [rows[idx[j]]["answer"] for j in my], n, device)      # 2. verify
+        group_ids = torch.tensor(my, device=device).repeat_interleave(n)   # (B*n,) one id per global prompt
+        t["time/score"] = time.time()                                 # 3. teacher T_it / reference (no grad)
+        logp_teacher = teacher_logprobs(teacher, batch, args.score_micro_batch, n) if args.method in ("scope", "opd") else None
+        logp_ref = teacher_logprobs(ref, batch, args.score_micro_batch, n) if ref is not None else None
+        t["time/update"] = time.time()                                # 4. weights (eq. 4-5) and one update (eq. 6)
+        record = update_student(args, student, opt, batch, rewards, group_ids, logp_teacher, logp_ref, sampler_logits,
+                                device)
+        t["end"] = time.time()
+        record = log_step(args, step, record, batch, rewards, t, device)  # 5. log, evaluate, checkpoint
+        if args.eval_every and test_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps) and rank == 0:
             record.update(evaluate(student, tokenizer, test_rows, args.eval_k, args, (args.seed, "eval")))
-        if master:
-            with metrics_path.open("a") as f:
+        if rank == 0:
+            with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(reward=f"{record['train/reward_mean']:.2f}", loss=f"{record['loss']:.3f}")
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-            save_checkpoint(out, step + 1, student, tokenizer, opt, args, rank, world, dist)
+            save_checkpoint(out, step + 1, student, tokenizer, opt, args, rank, world)
     if own_group:
         dist.destroy_process_group()
     return student
+
+
+def log_step(args, step, record, batch, rewards, t, device):
+    """Phase 5: the step's JSON record, with batch statistics summed over ranks (README: logging keys)."""
+    tokens = float(batch["response_mask"].sum())
+    r_sum, rows, trunc, tok, nll = all_reduce([rewards.sum(), rewards.numel(), batch["truncated"].sum(), tokens,
+                                               record.pop("_nll")], device)
+    phases = ["time/generate", "time/verify", "time/score", "time/update", "end"]
+    times = {k: t[nxt] - t[k] for k, nxt in zip(phases, phases[1:])}
+    return {"step": step + 1, **record, "train/reward_mean": r_sum / rows, "rollout/truncated_frac": trunc / rows,
+            "rollout/mean_len": tok / rows, "rollout/nll_student": nll / max(tok, 1.0),
+            "perf/tokens_per_s": tok / max(sum(times.values()), 1e-9), **times}
 
 
 def _pad_cat(tensors, key, pad_id):

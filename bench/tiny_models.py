@@ -11,26 +11,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import scope  # noqa: E402
+import tiny_testbed  # noqa: E402
 
 
 def main():
     torch.set_num_threads(1)
     args = scope.Args()
     t0 = time.time()
-    student_dir, teacher_dir = scope.build_tiny_models(args.cache_dir)
+    student_dir, teacher_dir = tiny_testbed.build_tiny_models(args.cache_dir)
     print(f"models: {student_dir.parent} (build or cache lookup took {time.time() - t0:.0f}s)")
     tok = scope.load_model(str(student_dir), "student")
-    test = scope.tiny_task("test", 256, seed=0)
-    print("| model | params | " + " | ".join(f"{lv} avg@4" for lv in scope.TINY_LEVELS) + " | all avg@4 | all pass@4 |")
-    print("|---" * (len(scope.TINY_LEVELS) + 4) + "|")
+    test = tiny_testbed.tiny_task("test", 256, seed=0)
+    print("| model | params | " + " | ".join(f"{lv} avg@4" for lv in tiny_testbed.TINY_LEVELS) + " | all avg@4 | all pass@4 |")
+    print("|---" * (len(tiny_testbed.TINY_LEVELS) + 4) + "|")
     for name, d in (("teacher", teacher_dir), ("student", student_dir)):
         model = scope.load_model(str(d), name, "float32")
         m = scope.evaluate(model, tok, test, 4, args, ("bench", name))
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"| {name} | {params:.2f}M | " + " | ".join(f"{100 * m[f'eval/{lv}/avg@4']:.1f}" for lv in scope.TINY_LEVELS)
+        print(f"| {name} | {params:.2f}M | " + " | ".join(f"{100 * m[f'eval/{lv}/avg@4']:.1f}" for lv in tiny_testbed.TINY_LEVELS)
               + f" | {100 * m['eval/all/avg@4']:.1f} | {100 * m['eval/all/pass@4']:.1f} |")
     student = scope.load_model(str(student_dir), "student", "float32")
-    rows = scope.tiny_task("train", 64, seed=1)
+    rows = tiny_testbed.tiny_task("train", 64, seed=1)
     prompts = [scope.prompt_text(tok, r["problem"]) for r in rows]
     b = scope.generate(student, tok, prompts, 8, 64, 1.0, seeds=scope.row_seeds("mixed", range(64 * 8)))
     texts = tok.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import scope  # noqa: E402
+import tiny_testbed  # noqa: E402
 
 
 def main():
@@ -30,7 +31,7 @@ def main():
         args = scope.Args(method=a.method, out_dir=out, steps=a.warmup + a.steps, prompts_per_step=16, n_rollouts=8,
                           micro_batch_prompts=a.micro_batch_prompts, score_micro_batch=a.score_micro_batch, max_new_tokens=64, eval_every=0, save_every=0, threads=1,
                           log_sampler_gap=False)
-        scope.build_tiny_models(args.cache_dir)
+        tiny_testbed.build_tiny_models(args.cache_dir)
         t0 = time.time()
         scope.train(args)
         wall = time.time() - t0

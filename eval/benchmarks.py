@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import scope
+import tiny_testbed
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ BENCHMARKS = {b.name: b for b in [
               "QwenLM/Qwen2.5-Math evaluation/data/olympiadbench/test.jsonl (answer = final_answer[0], $ removed)"),
 ]}
 PAPER_BENCHMARKS = list(BENCHMARKS)
-TINY = "tiny"                 # the embedded default's test split (scope.tiny_task), a seventh entry
+TINY = "tiny"                 # the embedded default's test split (tiny_testbed.tiny_task), a seventh entry
 TINY_SIZE = 256
 
 
@@ -48,10 +49,10 @@ def data_dir(explicit=None):
 def load(name, directory=None, use_hub=False, limit=None):
     """Problems of one benchmark as dicts with `id`, `problem`, `answer` (and `level` for tiny)."""
     if name == TINY or name.startswith(TINY + "-"):                # tiny, or one level: tiny-add3, tiny-frac, ...
-        rows = scope.tiny_task("test", TINY_SIZE, seed=0)
+        rows = tiny_testbed.tiny_task("test", TINY_SIZE, seed=0)
         level = name[len(TINY) + 1:]
-        if level and level not in scope.TINY_LEVELS:
-            raise ValueError(f"unknown tiny level {level!r}; known: {scope.TINY_LEVELS}")
+        if level and level not in tiny_testbed.TINY_LEVELS:
+            raise ValueError(f"unknown tiny level {level!r}; known: {tiny_testbed.TINY_LEVELS}")
         rows = [r for r in rows if r["level"] == level] if level else rows
         return rows[:limit] if limit else rows
     if name not in BENCHMARKS:

@@ -13,14 +13,15 @@ torch.set_num_threads(1)  # 2 torch threads under any other load slow 10-40x on 
 SHARED_BENCHMARKS = Path(os.environ.get("SCOPE_SHARED_BENCHMARKS", ROOT.parent / "shared" / "benchmarks"))
 
 import scope  # noqa: E402
+import tiny_testbed  # noqa: E402
 
-# Small enough for CI; built by scope.build_tiny_models exactly like the default models, just smaller.
-MICRO_TEACHER = scope.TinyModel(hidden=64, layers=2, heads=4, sft_steps=600, sft_lr=3e-3, cosine=True)
-MICRO_STUDENT = scope.TinyModel(hidden=64, layers=2, heads=4, sft_steps=330, sft_lr=3e-3)
+# Small enough for CI; built by tiny_testbed.build_tiny_models exactly like the default models, just smaller.
+MICRO_TEACHER = tiny_testbed.TinyModel(hidden=64, layers=2, heads=4, sft_steps=600, sft_lr=3e-3, cosine=True)
+MICRO_STUDENT = tiny_testbed.TinyModel(hidden=64, layers=2, heads=4, sft_steps=330, sft_lr=3e-3)
 
 @pytest.fixture(scope="session")
 def micro_models(tmp_path_factory):
     cache = os.environ.get("SCOPE_TEST_CACHE") or tmp_path_factory.mktemp("cache")
-    student, teacher = scope.build_tiny_models(cache, MICRO_TEACHER, MICRO_STUDENT, seed=0, log=lambda *a: None)
+    student, teacher = tiny_testbed.build_tiny_models(cache, MICRO_TEACHER, MICRO_STUDENT, seed=0, log=lambda *a: None)
     return str(student), str(teacher)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import scope
+import tiny_testbed
 from conftest import ROOT
 
 from conftest import MICRO_STUDENT  # noqa: E402  (the micro_models fixture lives in conftest)
@@ -43,9 +44,9 @@ def cli(micro_models, out_dir, extra=()):
 
 # ---------------------------------------------------------------------------- task, tokenizer, generation
 def test_tiny_task_is_deterministic_and_verifiable():
-    a, b = scope.tiny_task("train", 50, seed=3), scope.tiny_task("train", 50, seed=3)
-    assert a == b and a != scope.tiny_task("test", 50, seed=3)
-    assert {r["level"] for r in a} == set(scope.TINY_LEVELS)
+    a, b = tiny_testbed.tiny_task("train", 50, seed=3), tiny_testbed.tiny_task("train", 50, seed=3)
+    assert a == b and a != tiny_testbed.tiny_task("test", 50, seed=3)
+    assert {r["level"] for r in a} == set(tiny_testbed.TINY_LEVELS)
     for r in a:
         assert scope.reward(r["solution"], r["answer"]) == 1.0
         if r["level"] != "frac":                                    # a near miss is rejected
@@ -53,8 +54,8 @@ def test_tiny_task_is_deterministic_and_verifiable():
 
 
 def test_tokenizer_round_trip(tmp_path):
-    tok = scope.tiny_tokenizer()
-    scope.tiny_model_config(MICRO_STUDENT, tok).save_pretrained(tmp_path)   # beside a Qwen2 config, as in a model dir
+    tok = tiny_testbed.tiny_tokenizer()
+    tiny_testbed.tiny_model_config(MICRO_STUDENT, tok).save_pretrained(tmp_path)   # beside a Qwen2 config, as in a model dir
     text = scope.prompt_text(tok, "1+2=?") + "1+2=3 \\boxed{3}"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
@@ -121,8 +122,13 @@ def test_paper_preset_fails_clearly_offline(tmp_path):
     args = scope.parse_args(["--preset", "paper", "--out_dir", str(tmp_path)])
     assert args.lr == 5e-5 and args.temperature == 0.6 and args.n_rollouts == 8 and args.prompts_per_step == 256
     env = dict(os.environ, HF_HUB_OFFLINE="1")                      # the hub is unreachable
-    res = subprocess.run([sys.executable, str(ROOT / "scope.py"), "--preset", "paper", "--out_dir", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    cmd = [sys.executable, str(ROOT / "scope.py"), "--preset", "paper", "--out_dir", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode != 0                                      # the data first: it is the cheaper check
+    assert "cannot load training data 'zwhe99/DeepMath-103K'" in res.stderr and "Traceback" not in res.stderr
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "1+1=?", "answer": "2"}) + "\n")
+    res = subprocess.run(cmd + ["--data", str(data)], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode != 0
     assert "cannot load the student model 'deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B'" in res.stderr
     assert "local path" in res.stderr and "Traceback" not in res.stderr
@@ -157,7 +163,7 @@ def test_scope_raises_training_reward(micro_models, tmp_path):
     """On a fixed seed, a short SCOPE run raises the student's training reward. The run trains on 8 fixed problems,
     so every step sees the same prompts and the reward mean moves only with the student (numbers in the README)."""
     data = tmp_path / "fixed8.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in scope.tiny_task("train", 8, seed=5)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_testbed.tiny_task("train", 8, seed=5)))
     scope.train(run_args(micro_models, tmp_path, data=str(data), steps=16, prompts_per_step=8, n_rollouts=8,
                          micro_batch_prompts=8, lr=3e-4, log_sampler_gap=False))
     rewards = [r["train/reward_mean"] for r in read_metrics(tmp_path)]

@@ -1,0 +1,241 @@
+"""The tiny testbed: a synthetic math task, a character tokenizer, and tiny Qwen2 teacher and student models built
+on this machine. It belongs to the harness, not to the method: `python scope.py` imports it (lazily) only when no
+--student/--teacher/--data are given, so a laptop CPU with no internet can run the whole pipeline in minutes.
+
+    python -c "import tiny_testbed; tiny_testbed.build_tiny_models('.cache/scope')"   # build once (about 5 minutes)
+
+The build is safe to kill: it writes into `<cache>/tiny-<key>.building/` and renames that to `tiny-<key>/` only once
+both models are saved, so a finished-looking directory is a finished build. One process builds at a time under an
+flock on `tiny-<key>.lock` (the kernel drops it when its owner dies, even on SIGKILL, OOM or a reboot); a process
+that finds a live builder says so and prints the builder's progress while it waits, and a process that finds the
+debris of a dead builder says so and builds again.
+"""
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import sympy
+import torch
+
+import scope
+
+# ----------------------------------------------------------------------------------------------------
+# the task: +/- chains of digits (3, 4, 5 terms) and same-denominator fractions, with chain-of-thought solutions
+# ----------------------------------------------------------------------------------------------------
+TINY_LEVELS = ("add3", "add4", "add5", "frac")
+
+
+def tiny_problem(rng, level):
+    """One problem: {"problem", "answer", "solution", "level"}; the solution is a chain of thought ending in \\boxed{}."""
+    if level == "frac":
+        den = rng.randint(2, 9)
+        a, b = rng.randint(1, den), rng.randint(1, den)
+        gold = sympy.Rational(a + b, den)                      # reduced gold; the model writes \frac{a+b}{den}
+        answer = str(gold.p) if gold.q == 1 else f"\\frac{{{gold.p}}}{{{gold.q}}}"
+        return {"problem": f"{a}/{den}+{b}/{den}=?", "answer": answer, "level": level,
+                "solution": f"{a}+{b}={a + b} \\boxed{{\\frac{{{a + b}}}{{{den}}}}}"}
+    n_terms = int(level[-1])
+    total = rng.randint(0, 9)
+    text, steps = str(total), []
+    for _ in range(n_terms - 1):
+        x, op = rng.randint(0, 9), rng.choice("+-")
+        if op == "-" and total - x < 0:                        # keep the running total >= 0
+            op = "+"
+        new = total + x if op == "+" else total - x
+        text += f"{op}{x}"
+        steps.append(f"{total}{op}{x}={new}")
+        total = new
+    return {"problem": f"{text}=?", "answer": str(total), "level": level,
+            "solution": "; ".join(steps) + f" \\boxed{{{total}}}"}
+
+
+def tiny_task(split, n, seed=0):
+    """Deterministic train/test problems, levels cycling; test and train streams use disjoint seeds."""
+    rng = random.Random(f"{split}-{seed}")
+    return [dict(tiny_problem(rng, TINY_LEVELS[i % len(TINY_LEVELS)]), id=f"tiny-{split}-{i}") for i in range(n)]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %} A: {% endif %}")
+
+
+def tiny_tokenizer():
+    """Character-level tokenizer (printable ASCII) wrapped as a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>"] + [chr(c) for c in range(32, 127)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+# ----------------------------------------------------------------------------------------------------
+# the models: tiny Qwen2s (the paper's students are Qwen2), supervised on gold solutions
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TinyModel:
+    """Size and supervised pre-training of one tiny model."""
+    hidden: int
+    layers: int
+    heads: int
+    sft_steps: int
+    sft_lr: float
+    sft_batch: int = 64
+    warmup: int = 30
+    cosine: bool = False      # decay the lr to 10% over the run (after warm-up)
+
+
+TINY_TEACHER = TinyModel(hidden=192, layers=4, heads=6, sft_steps=380, sft_lr=2e-3, cosine=True)
+TINY_STUDENT = TinyModel(hidden=96, layers=3, heads=4, sft_steps=280, sft_lr=3e-3)
+
+
+def tiny_model_config(spec, tokenizer):
+    from transformers import Qwen2Config
+    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=4 * spec.hidden,
+                       num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+                       max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def sft(model, tokenizer, rows, spec, seed, desc, progress=lambda step: None):
+    """Supervised training on gold solutions; loss on the answer tokens and eos only."""
+    from tqdm import tqdm
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+    def lr_factor(s):
+        decay = 0.55 + 0.45 * math.cos(math.pi * s / spec.sft_steps) if spec.cosine else 1.0
+        return min(1.0, (s + 1) / spec.warmup) * decay
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    model.train()
+    for step in tqdm(range(spec.sft_steps), desc=desc, leave=False):
+        idx = torch.randint(0, len(rows), (spec.sft_batch,), generator=g).tolist()
+        prompts = [tokenizer(scope.prompt_text(tokenizer, rows[i]["problem"]), add_special_tokens=False)["input_ids"]
+                   for i in idx]
+        answers = [tokenizer(rows[i]["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for i in idx]
+        length = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        ids = torch.full((len(idx), length), tokenizer.pad_token_id)
+        labels = torch.full((len(idx), length), -100)
+        for r, (p, a) in enumerate(zip(prompts, answers)):
+            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[r, len(p):len(p) + len(a)] = torch.tensor(a)
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        progress(step + 1)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# building once, safely: atomic rename of a finished build, an flock that dies with its owner
+# ----------------------------------------------------------------------------------------------------
+def _key(teacher, student, seed):
+    blob = json.dumps([dataclasses.asdict(teacher), dataclasses.asdict(student), seed, TINY_LEVELS, "tiny-v2"])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def build_tiny_models(cache_dir, teacher=TINY_TEACHER, student=TINY_STUDENT, seed=0, log=print, threads=1,
+                      wait_report_s=10.0):
+    """Build (or reuse from cache_dir, keyed by their config) the tiny tokenizer, teacher and student.
+    Returns (student_dir, teacher_dir). Any number of processes (torchrun ranks, parallel runs) may call it: one
+    builds, the others wait and report the builder's progress. threads: torch threads for the build (1 by default:
+    on a shared or loaded machine 2 threads run several times slower than 1; README, "thread count")."""
+    root = Path(cache_dir) / f"tiny-{_key(teacher, student, seed)}"
+    dirs = root / "student", root / "teacher"
+    if (root / "DONE").exists():
+        return dirs
+    root.parent.mkdir(parents=True, exist_ok=True)
+    lock_path, status_path = root.with_name(root.name + ".lock"), root.with_name(root.name + ".status")
+    with open(lock_path, "a+") as lock:
+        _acquire(lock, status_path, log, wait_report_s)       # held until the with-block closes the file
+        if (root / "DONE").exists():                          # built by the process we waited for
+            return dirs
+        previous = _read_json(status_path)
+        if previous.get("pid") is not None:
+            log(f"tiny models: the build by process {previous['pid']} (started {previous.get('started', '?')}) "
+                f"did not finish and that process is gone; taking over and building again")
+        _build(root, teacher, student, seed, log, threads, status_path)
+        status_path.unlink(missing_ok=True)
+    return dirs
+
+
+def _acquire(lock, status_path, log, wait_report_s):
+    """flock the open lock file; while another live process holds it, say who and how far it got."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    last, last_time = None, 0.0
+    while True:
+        s = _read_json(status_path)
+        line = f"tiny models: waiting for process {s.get('pid', '?')}, which is building them ({s.get('progress', 'starting')})"
+        if last is None or (line != last and time.time() - last_time >= wait_report_s):
+            log(line)
+            last, last_time = line, time.time()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.5)
+
+
+def _build(root, teacher, student, seed, log, threads, status_path):
+    from transformers import AutoModelForCausalLM
+    work = root.with_name(root.name + ".building")
+    shutil.rmtree(work, ignore_errors=True)                   # debris of an interrupted build
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def status(progress):                                     # atomic, so a waiter never reads half a file
+        tmp = status_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "started": started, "progress": progress}))
+        tmp.replace(status_path)
+
+    status("starting")
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tokenizer = tiny_tokenizer()
+        rows = tiny_task("train", 20000, seed)
+        for name, spec in (("teacher", teacher), ("student", student)):
+            t0 = time.time()
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(tiny_model_config(spec, tokenizer))
+            every = max(1, spec.sft_steps // 20)
+            sft(model, tokenizer, rows, spec, seed, f"building tiny {name}",
+                lambda s: s % every == 0 and status(f"{name}: SFT step {s}/{spec.sft_steps}"))
+            model.save_pretrained(work / name)
+            tokenizer.save_pretrained(work / name)
+            log(f"built tiny {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+                f"{spec.sft_steps} SFT steps, {threads} thread(s)) in {time.time() - t0:.0f}s")
+        (work / "DONE").touch()
+        if root.exists():                                     # an old-layout build that never finished
+            shutil.rmtree(root)
+        work.rename(root)                                     # the one step that makes the build visible
+        log(f"tiny models ready in {root}")
+    finally:
+        torch.set_num_threads(old_threads)
