@@ -96,12 +96,11 @@ def preset_settings(a):
         names = benchmarks.PAPER_BENCHMARKS
     else:
         # tiny: 50 steps x 16 prompts x 8 rollouts at scope.Args' tiny defaults
-        train = dict(steps=50, eval_every=10, eval_problems=64, eval_k=4, save_every=10,
-                     log_sampler_gap=False)
+        train = dict(steps=50, eval_every=10, eval_problems=64, eval_k=4, save_every=10)
         ev = dict(preset="tiny", n=8, limit=32)
         names = [f"{benchmarks.TINY}-{level}" for level in tiny_testbed.TINY_LEVELS]
     if a.smoke:
-        train.update(steps=2, prompts_per_step=4, n_rollouts=4, micro_batch_prompts=2, max_new_tokens=48,
+        train.update(steps=2, prompts_per_step=4, n_rollouts=4, micro_batch_tokens=400, max_new_tokens=48,
                      eval_every=2, eval_problems=4, eval_k=2, save_every=1)
         ev.update(n=2, limit=2)
     if a.steps:

@@ -29,6 +29,7 @@ Notation (SCOPE_SPEC.md section 1), all over RESPONSE tokens only:
   nll = -mean_t logp = log PPL, so a high nll means a high perplexity.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -76,56 +77,56 @@ def _check_rewards(rewards, batch):
         raise ValueError("rewards must be 0 or 1")
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    """log softmax(logits / temperature)[token], computed `chunk` rows at a time.
+class _FusedLogprobs(torch.autograd.Function):
+    """log softmax(h W^T / T)[token] for N rows, `chunk` rows at a time: the (N, V) logits never exist.
 
-    Only one (chunk, V) float32 block exists at a time, forward and backward; the naive
-    log_softmax(logits.float()) materialises two full (N, V) float32 tensors. Backward uses
-    d logp / d logits = (onehot(token) - softmax) / temperature, so nothing of size V is saved.
-    """
+    Forward keeps only the (N,) log-sum-exp. Backward recomputes each chunk's logits (one extra matmul, the price
+    of never holding N x V) and uses d logp / d logits = (onehot(token) - softmax) / T, so that
+    d h = d logits @ W and d W = d logits^T @ h. Matmuls run in the hidden states' dtype (bf16 on GPUs), the
+    softmax in fp32; d W accumulates in fp32."""
 
     @staticmethod
-    def forward(ctx, logits, tokens, temperature, chunk):
-        n = logits.shape[0]                                        # logits (N, V), tokens (N,)
-        logp = torch.empty(n, dtype=torch.float32, device=logits.device)  # (N,)
-        lse = torch.empty(n, dtype=torch.float32, device=logits.device)   # (N,)
-        for i in range(0, n, chunk):
-            x = logits[i:i + chunk].float()                        # (c, V); a copy only if not fp32
-            if temperature != 1.0:
-                x = x / temperature
-            lse[i:i + chunk] = torch.logsumexp(x, dim=-1)          # (c,)
+    def forward(ctx, hidden, weight, tokens, temperature, chunk):
+        w, acc = weight.to(hidden.dtype), torch.promote_types(hidden.dtype, torch.float32)  # (V, H), fp32 or fp64
+        logp = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)  # (N,)
+        lse = torch.empty_like(logp)                               # (N,)
+        for i in range(0, hidden.shape[0], chunk):
+            x = (hidden[i:i + chunk] @ w.T).to(acc) / temperature  # (c, V)
+            lse[i:i + chunk] = torch.logsumexp(x, -1)
             logp[i:i + chunk] = x.gather(-1, tokens[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
-        ctx.save_for_backward(logits, tokens, lse)
+        ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        logits, tokens, lse = ctx.saved_tensors
-        t, chunk = ctx.temperature, ctx.chunk
-        grad = torch.empty_like(logits)                            # (N, V)
-        for i in range(0, logits.shape[0], chunk):
-            g = grad_logp[i:i + chunk, None].float()               # (c, 1)
-            p = torch.exp(logits[i:i + chunk].float() / t - lse[i:i + chunk, None])  # (c, V) softmax
-            gi = -p * g
-            gi.scatter_add_(-1, tokens[i:i + chunk, None], g)      # onehot(token) * g
-            grad[i:i + chunk] = gi / t
-        return grad, None, None, None
+        hidden, weight, tokens, lse = ctx.saved_tensors
+        w, t, acc = weight.to(hidden.dtype), ctx.temperature, lse.dtype
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+        for i in range(0, hidden.shape[0], ctx.chunk):
+            h, g = hidden[i:i + ctx.chunk], grad_logp[i:i + ctx.chunk, None].to(acc) / t   # (c, H), (c, 1)
+            d = torch.exp((h @ w.T).to(acc) / t - lse[i:i + ctx.chunk, None]).mul_(-g)       # (c, V) -softmax * g
+            d.scatter_add_(-1, tokens[i:i + ctx.chunk, None], g)                               # + onehot(token) * g
+            if grad_h is not None:
+                grad_h[i:i + ctx.chunk] = d.to(w.dtype) @ w                                    # (c, H)
+            if grad_w is not None:
+                grad_w.addmm_(d.T, h.to(acc))                                                  # (V, H)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
-def token_logprobs(logits, tokens, temperature=1.0, chunk=None):
-    """log p(token) under softmax(logits / temperature). logits (B, L, V), tokens (B, L) -> (B, L) fp32.
-
-    Equal to log_softmax(logits.float() / temperature).gather(-1, tokens) but with O(chunk * V) extra memory
-    (default: rows of 2^24 elements in all, 64 MiB of fp32 per block).
-    """
-    if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"logits (B, L, V) and tokens (B, L) disagree: {tuple(logits.shape)} vs {tuple(tokens.shape)}")
+def token_logprobs(hidden, weight, tokens, temperature=1.0, chunk=None):
+    """log p(token) = log softmax(hidden @ weight.T / temperature)[token], never materialising (tokens x V) logits.
+    hidden (B, L, H) last hidden states, weight (V, H) the output layer (or tied embedding), tokens (B, L) -> (B, L)
+    fp32 (fp64 for fp64 inputs). Default chunk: rows of 2^25 logits in all (128 MiB of fp32 per block)."""
+    if hidden.dim() != 3 or tokens.shape != hidden.shape[:2] or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"hidden (B, L, H), weight (V, H) and tokens (B, L) disagree: {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(tokens.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    b, l, v = logits.shape
-    chunk = chunk or max(1, 2**24 // v)
-    out = _TokenLogprobs.apply(logits.reshape(b * l, v), tokens.reshape(b * l), float(temperature), int(chunk))
+    b, l, h = hidden.shape
+    chunk = chunk or max(1, 2**25 // weight.shape[0])
+    out = _FusedLogprobs.apply(hidden.reshape(b * l, h), weight, tokens.reshape(b * l), float(temperature), int(chunk))
     return out.view(b, l)                                          # (B, L)
 
 
@@ -190,19 +191,17 @@ def scope_weights(logp_old, logp_teacher, mask, group_ids, rewards, tau=1.0, nor
     return group_softmax(scores, cell_ids, norm)
 
 
-def batch_counts(mask, rewards, group_ids):
+def batch_counts(mask, rewards, group_ids, group_size=None):
     """Local normalising counts of a batch. Sum them over micro-batches and ranks (all_reduce) and pass
-    the totals to the losses, so the gradient never depends on how the global batch was split."""
+    the totals to the losses, so the gradient never depends on how the global batch was split.
+    group_size (N): count prompts as rows / N, which stays right when a part holds only some of a group's rows;
+    without it, prompts = distinct group ids (right only for parts made of whole groups)."""
     mask = mask.float()                                            # (B, L)
     tokens = mask.sum(-1)                                          # (B,)
     correct = rewards.float()                                      # (B,)
-    return {
-        "prompts": float(torch.unique(group_ids).numel()),
-        "sequences": float(mask.shape[0]),
-        "tokens": float(tokens.sum()),
-        "tokens_correct": float((tokens * correct).sum()),
-        "tokens_incorrect": float((tokens * (1 - correct)).sum()),
-    }
+    prompts = mask.shape[0] / group_size if group_size else torch.unique(group_ids).numel()
+    return {"prompts": float(prompts), "sequences": float(mask.shape[0]), "tokens": float(tokens.sum()),
+            "tokens_correct": float((tokens * correct).sum()), "tokens_incorrect": float((tokens * (1 - correct)).sum())}
 
 
 def _normalisers(counts, agg):
@@ -896,7 +895,7 @@ def pass_at_k(n, c, k):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Rollouts: sampling with transformers generate, and token log-probs of student and teacher
+# 3. Rollouts and scoring: sampling with transformers generate, token log-probs of student and teacher
 # ----------------------------------------------------------------------------------------------------
 def prompt_text(tokenizer, problem, instruction=""):
     """The chat-templated prompt: the problem, then the instruction (paper: "Please reason step by step...")."""
@@ -905,133 +904,181 @@ def prompt_text(tokenizer, problem, instruction=""):
                                          add_generation_prompt=True)
 
 
-class SeededGumbelSampler:
-    """A logits processor that makes sampling a pure function of each row's own seed.
-
-    argmax(logits + Gumbel noise) is an exact sample of softmax(logits) (the Gumbel-max trick). Drawing row i's
-    noise from its own generator, seeded by (run seed, step, prompt, rollout), makes rollout i independent of
-    the batch it shares and of the rank it runs on: one process and torchrun draw identical rollouts, and a
-    resumed run redraws exactly what the uninterrupted one drew. Noise is drawn on the CPU: fine for the tiny
-    preset; the paper preset samples with torch's own RNG (or vLLM) instead.
-    """
-
-    def __init__(self, seeds):
-        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-    def __call__(self, input_ids, scores):
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.gens])
-        gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))   # (B, V)
-        return scores + gumbel.to(scores.device, scores.dtype)
-
-
 def row_seeds(*key_and_rows):
     """Deterministic 63-bit seeds, one per row, from a key and per-row ids."""
     *key, rows = key_and_rows
     return [int.from_bytes(hashlib.sha256(repr((*key, r)).encode()).digest()[:8], "little") >> 1 for r in rows]
 
 
+class GumbelSampler:
+    """The last logits processor: argmax(logits + Gumbel noise) is an exact sample of softmax(logits) (Gumbel-max).
+    With seeds, row i draws its noise from its own generator seeded by (run seed, step, prompt, rollout), so a
+    rollout does not depend on the batch it shares or the rank it runs on: one process and torchrun draw identical
+    rollouts, and a resumed run redraws what the uninterrupted one drew (noise on the CPU: fine for the tiny preset).
+    Without seeds, the noise comes from torch's RNG on the logits' device."""
+
+    def __init__(self, seeds=None):
+        self.gens = None if seeds is None else [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        if self.gens is None:
+            u = torch.rand_like(scores, dtype=torch.float64)
+        else:
+            u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.gens])
+        return scores + (-torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))).to(scores.device, scores.dtype)  # (B, V)
+
+
+class SamplerLogprobs:
+    """The first logits processor: records log pi_old(a_t) of every sampled token at `temperature`, from the raw
+    logits of the sampling forward pass (one (B, V) step kept at a time). These are the behaviour policy's
+    log-probs (eq. 1, 4) and the reference for rollout/sampler_gap."""
+
+    def __init__(self, temperature):
+        self.temperature, self.prev, self.out = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        self.collect(input_ids[:, -1])                            # the token sampled from the previous step
+        self.prev = torch.log_softmax(scores.float() / self.temperature, -1)   # (B, V)
+        return scores
+
+    def collect(self, tokens):
+        if self.prev is not None:
+            self.out.append(self.prev.gather(-1, tokens[:, None]).squeeze(-1))
+            self.prev = None
+
+
 def generate(model, tokenizer, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seeds=None,
-             return_logits=False):
-    """Sample n rollouts per prompt (rows prompt-major: row p*n + j). seeds: one per row for SeededGumbelSampler,
-    or None to sample with torch's RNG. Returns a dict of tensors on the model's device:
-      prompt_ids, prompt_mask (B*n, P) left-padded; response_ids, response_mask (B*n, T), the mask covering the
-      response up to and including the first eos; truncated (B*n,), True when no eos came within max_new_tokens;
-      sampler_logits (B*n, T, V) when return_logits (to measure the sampler-vs-trainer log-prob gap)."""
+             logprob_temperature=1.0, synced=False):
+    """Sample n rollouts per prompt (rows prompt-major: row p*n + j); seeds: one per row, or None (torch's RNG).
+    synced: every rank keeps stepping until all are done (required when the model is FSDP-sharded).
+    Returns tensors on the model's device: prompt_ids, prompt_mask (B*n, P) left-padded; response_ids,
+    response_mask (B*n, T), the mask covering the response up to and including the first eos; truncated (B*n,),
+    True when no eos came within max_new_tokens; logp_sampler (B*n, T) fp32, see SamplerLogprobs."""
     from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     prompt_ids = enc["input_ids"].repeat_interleave(n, 0).to(device)              # (B*n, P)
     prompt_mask = enc["attention_mask"].repeat_interleave(n, 0).to(device)        # (B*n, P)
-    common = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True, output_logits=return_logits)
-    if seeds is not None:
-        if len(seeds) != prompt_ids.shape[0]:
-            raise ValueError(f"seeds has {len(seeds)} entries, expected {prompt_ids.shape[0]} (one per rollout)")
-        procs = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
-        procs += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
-        cfg, kw = GenerationConfig(do_sample=False, **common), dict(
-            logits_processor=LogitsProcessorList(procs + [SeededGumbelSampler(seeds)]))
-    else:
-        cfg, kw = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common), {}
-    with torch.inference_mode():
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg, **kw)
-    response_ids = out.sequences[:, prompt_ids.shape[1]:].clone()                  # (B*n, T); clone: a normal tensor
+    if seeds is not None and len(seeds) != prompt_ids.shape[0]:
+        raise ValueError(f"seeds has {len(seeds)} entries, expected {prompt_ids.shape[0]} (one per rollout)")
+    recorder = SamplerLogprobs(logprob_temperature)
+    procs = [recorder, TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
+    procs += ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []) + [GumbelSampler(seeds)]
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id)               # sampling = argmax of noisy logits
+    with torch.no_grad() if synced else torch.inference_mode():          # FSDP2 reuses buffers: no inference tensors
+        seq = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg,
+                             logits_processor=LogitsProcessorList(procs), synced_gpus=synced)
+        recorder.collect(seq[:, -1])
+    response_ids = seq[:, prompt_ids.shape[1]:].clone()                            # (B*n, T); clone: a normal tensor
     is_eos = response_ids == tokenizer.eos_token_id
-    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0                           # strictly after the first eos
-    response_mask = (~after_eos).long()
+    response_mask = ((is_eos.cumsum(-1) - is_eos.long()) == 0).long()             # up to and including the first eos
     truncated = ~is_eos.any(-1)
     if truncated.any() and response_ids.shape[1] < max_new_tokens:
         raise RuntimeError("generate stopped before max_new_tokens without an eos")
-    result = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids * response_mask
-                  + tokenizer.pad_token_id * (1 - response_mask), response_mask=response_mask, truncated=truncated)
-    if return_logits:
-        result["sampler_logits"] = torch.stack(out.logits, dim=1).clone()          # (B*n, T, V) raw logits
-    return result
+    logp_sampler = torch.stack(recorder.out[:response_ids.shape[1]], 1).clone() * response_mask   # (B*n, T)
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_mask=response_mask, truncated=truncated,
+                response_ids=torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id),
+                logp_sampler=logp_sampler)
+
+
+class LogprobHead(torch.nn.Module):
+    """Stands in for a causal LM's output layer during one forward pass, so the model returns log p(target) per
+    position (token_logprobs: no (B, L, V) logits) where it would return logits. Going through the model's own
+    forward matters under FSDP2, which gathers the output layer's weight only inside forward.
+    rows: which hidden row serves each target row (one prompt row for all of its rollouts)."""
+
+    def __init__(self, lm_head, targets, temperature, rows=None):
+        super().__init__()
+        if getattr(lm_head, "bias", None) is not None:
+            raise ValueError("an output layer with a bias is not supported")
+        self.lm_head, self.targets, self.temperature, self.rows = lm_head, targets, temperature, rows
+
+    def forward(self, hidden):                                                    # (B', L', H)
+        hidden = hidden if self.rows is None else hidden[self.rows]               # (B, L', H)
+        return token_logprobs(hidden[:, :self.targets.shape[1]], self.lm_head.weight, self.targets, self.temperature)
+
+
+def model_logprobs(model, targets, temperature=1.0, rows=None, **inputs):
+    """model(**inputs) with LogprobHead as its output layer: the output's .logits are (B, T) log-probs of targets."""
+    lm_head = model.get_output_embeddings()
+    model.set_output_embeddings(LogprobHead(lm_head, targets, temperature, rows))
+    try:
+        return model(**inputs)
+    finally:
+        model.set_output_embeddings(lm_head)
 
 
 def sequence_logprobs(model, batch, temperature=1.0):
-    """Token log-probs of the response tokens under `model`, from one forward pass. -> (B, T) fp32.
+    """Log-probs of the response tokens from one forward pass over prompt + response. -> (B, T) fp32.
     Position ids count only real tokens, so left padding does not shift positions."""
     ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], 1)              # (B, P+T)
     attn = torch.cat([batch["prompt_mask"], batch["response_mask"]], 1)           # (B, P+T)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
     t = batch["response_ids"].shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=t + 1).logits[:, :-1]  # (B, T, V)
-    return token_logprobs(logits, batch["response_ids"], temperature)
+    return model_logprobs(model, batch["response_ids"], temperature, input_ids=ids, attention_mask=attn,
+                          position_ids=(attn.cumsum(-1) - 1).clamp(min=0), logits_to_keep=t + 1).logits
+
+
+def shared_prompt_logprobs(model, batch, groups, temperature=1.0):
+    """sequence_logprobs for rows where adjacent rows with one group id share a prompt (a prompt's rollouts, or
+    part of them): each prompt runs once and its KV cache serves its rows (with grad, the gradient flows back
+    through the repeated cache into the one prompt pass). -> (B, T) fp32."""
+    new = torch.ones_like(groups, dtype=torch.bool)
+    new[1:] = groups[1:] != groups[:-1]
+    first, rows = new.nonzero().squeeze(1), new.long().cumsum(0) - 1             # (G,) first row, (B,) its prompt
+    p_ids, p_mask, resp = batch["prompt_ids"][first], batch["prompt_mask"][first], batch["response_ids"]
+    out = model_logprobs(model, resp[:, :1], temperature, rows, input_ids=p_ids, attention_mask=p_mask,
+                         position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values         # transformers >= 5.21 / older 5.x
+    cache.batch_select_indices(rows)                                             # (B) rows of prompt KV
+    attn = torch.cat([batch["prompt_mask"], batch["response_mask"]], 1)          # (B, P+T)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, p_ids.shape[1]:]                 # (B, T)
+    kw = {"cache" if hasattr(out, "cache") else "past_key_values": cache}
+    rest = model_logprobs(model, resp[:, 1:], temperature, input_ids=resp, attention_mask=attn, position_ids=pos, **kw)
+    return torch.cat([out.logits, rest.logits], 1)                               # (B, T): token 0, tokens 1..T-1
 
 
 def trim(batch):
-    """Drop the columns that are padding in every row (prompt on the left, response on the right): compute that
-    depends on padded width, and rows of one micro-batch often share shorter lengths."""
+    """Drop the columns that are padding in every row (prompt on the left, response on the right)."""
     p0 = int((batch["prompt_mask"].sum(0) > 0).nonzero()[0]) if batch["prompt_mask"].any() else 0
     width = max(int(batch["response_mask"].sum(-1).max()), 1)
-    out = dict(batch)
-    for k in ("prompt_ids", "prompt_mask"):
-        out[k] = batch[k][:, p0:]
-    for k in ("response_ids", "response_mask"):
-        out[k] = batch[k][:, :width]
+    out = {k: v for k, v in batch.items() if k not in ("truncated",)}
+    out.update({k: batch[k][:, p0:] for k in ("prompt_ids", "prompt_mask")})
+    out.update({k: batch[k][:, :width] for k in ("response_ids", "response_mask", "logp_sampler") if k in batch})
     return out
 
 
-def shared_prompt_logprobs(model, batch, n, temperature=1.0):
-    """sequence_logprobs for rows that come in groups of n with one prompt (rollouts of one prompt): each prompt
-    runs through the model once, and its KV cache is repeated for its n responses (with grad, the gradient flows
-    back through the repeated cache into the one prompt pass). -> (B, T) fp32."""
-    p_ids, p_mask = batch["prompt_ids"][::n], batch["prompt_mask"][::n]               # (G, P) one row per group
-    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
-    cache = out.cache
-    cache.batch_repeat_interleave(n)                                                  # (G*n) rows of prompt KV
-    attn = torch.cat([batch["prompt_mask"], batch["response_mask"]], 1)              # (B, P+T)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, p_ids.shape[1]:]                     # (B, T)
-    resp = model(input_ids=batch["response_ids"], attention_mask=attn, position_ids=pos, cache=cache).logits
-    first = out.logits[:, -1:].repeat_interleave(n, 0)                               # (B, 1, V) predicts token 0
-    logits = torch.cat([first, resp[:, :-1]], 1)                                     # (B, T, V)
-    return token_logprobs(logits, batch["response_ids"], temperature)
+def micro_batches(batch, max_tokens, count=None):
+    """Consecutive row slices whose padded size, rows x (longest prompt + longest response), stays within
+    max_tokens (0: no limit; a row larger than the budget goes alone). count: split further into exactly that
+    many slices (FSDP2 ranks must run the same number of forward passes). -> list of slices."""
+    lengths = (batch["prompt_mask"].sum(-1) + batch["response_mask"].sum(-1)).tolist()
+    parts, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest = max(longest, n)
+        if max_tokens and i > start and (i - start + 1) * longest > max_tokens:
+            parts.append(slice(start, i))
+            start, longest = i, n
+    parts.append(slice(start, len(lengths)))
+    while count and len(parts) < count:                                          # halve the largest slice
+        j = max(range(len(parts)), key=lambda k: parts[k].stop - parts[k].start)
+        a, b = parts[j].start, parts[j].stop
+        if b - a < 2:
+            raise ValueError(f"cannot split {len(lengths)} rows into {count} micro-batches")
+        parts[j:j + 1] = [slice(a, (a + b) // 2), slice((a + b) // 2, b)]
+    return parts
 
 
-def teacher_logprobs(teacher, batch, micro_batch, group_size=1):
-    """Teacher log-probs of the student's response tokens (no grad). Rows in groups of group_size rollouts of one
-    prompt share one prompt pass (shared_prompt_logprobs); otherwise rows go in length-sorted micro-batches.
-    A failure raises: it never becomes a number (the official client's zero-fill would give a failed rollout the
-    largest teacher weight)."""
-    keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
-    rows = batch["response_ids"].shape[0]
-    if group_size > 1:
-        step = max(1, micro_batch // group_size) * group_size                      # whole groups per micro-batch
-        chunks = [torch.arange(i, min(i + step, rows)) for i in range(0, rows, step)]
-    else:
-        order = torch.argsort(batch["response_mask"].sum(-1), descending=True)
-        chunks = [order[i:i + micro_batch] for i in range(0, rows, micro_batch)]
-    parts = []
-    with torch.inference_mode():
-        for idx in chunks:
-            part = trim({k: batch[k][idx] for k in keys})
-            lp = shared_prompt_logprobs(teacher, part, group_size) if group_size > 1 else sequence_logprobs(teacher, part)
-            parts.append((idx, lp))
+def score_logprobs(model, batch, groups, max_tokens, temperature=1.0):
+    """Teacher (or GRPO reference) log-probs of the student's response tokens, no grad, in token-budget
+    micro-batches with one prompt pass per group. A failure raises: it never becomes a number (the official
+    client's zero-fill would give a failed rollout the largest teacher weight). -> (B, T) fp32."""
     logp = torch.zeros(batch["response_ids"].shape, dtype=torch.float32, device=batch["response_ids"].device)
-    for idx, lp in parts:                                                          # outside inference mode
-        logp[idx, :lp.shape[1]] = lp
+    for sl in micro_batches(batch, max_tokens):
+        part = trim({k: v[sl] for k, v in batch.items()})
+        with torch.inference_mode():
+            lp = shared_prompt_logprobs(model, part, groups[sl], temperature)
+        logp[sl, :lp.shape[1]] = lp.clone()                                      # (b, t), out of inference mode
     if not torch.isfinite(logp[batch["response_mask"].bool()]).all():
         raise RuntimeError("teacher scoring returned non-finite log-probs")
     return logp                                                                    # (B, T)
@@ -1051,7 +1098,8 @@ class Args:
     teacher: str = ""
     """teacher model (must share the student's tokenizer): local path or Hugging Face id; empty builds the tiny teacher"""
     data: str = ""
-    """training problems: a JSONL file with `problem` and `answer` fields, or a Hugging Face dataset id; empty = tiny task"""
+    """training problems: a .jsonl file or a directory of them (fields `problem`, `answer`), or a Hugging Face dataset
+    id; empty = tiny task"""
     instruction: str = ""
     """text appended to every problem in the prompt"""
     out_dir: str = "runs/scope"
@@ -1063,13 +1111,15 @@ class Args:
     steps: int = 100
     """optimizer steps (one per batch of prompts)"""
     prompts_per_step: int = 16
-    """prompts per step over all ranks (the global batch)"""
+    """prompts per step over all ranks (the global batch; a multiple of the number of ranks)"""
     n_rollouts: int = 8
     """rollouts per prompt (N)"""
-    micro_batch_prompts: int = 4
-    """prompt groups per forward/backward (gradient accumulation); groups are never split"""
-    score_micro_batch: int = 32
-    """rollouts per teacher forward (sorted by length, so each micro-batch carries little padding)"""
+    micro_batch_tokens: int = 2048
+    """token budget of one student forward/backward: rows x (prompt + response), padded (gradient accumulation)"""
+    score_tokens: int = 8192
+    """token budget of one teacher / reference forward (no grad)"""
+    rollout_tokens: int = 0
+    """KV-cache budget of one generate call: rows x (prompt + max_new_tokens) (0: all of a rank's prompts at once)"""
     max_new_tokens: int = 64
     """response length limit; a response that reaches it is truncated and gets reward 0"""
     temperature: float = 1.0
@@ -1079,7 +1129,7 @@ class Args:
     top_k: int = 0
     """top-k sampling (0: off)"""
     seeded_sampling: bool = True
-    """sample with per-rollout seeds (SeededGumbelSampler: identical rollouts on any number of ranks); off: torch RNG"""
+    """sample with per-rollout seeds (identical rollouts on any number of ranks); off: torch's RNG"""
     logprob_temperature: str = "one"
     """one: student and teacher log-probs at T=1 (the policy pi_theta itself); sampling: student at the sampling
     temperature, teacher at T=1 (the official code)"""
@@ -1107,7 +1157,7 @@ class Args:
     kd_samples: int = 1
     """KD: teacher samples per prompt (generated once, cached)"""
     eval_every: int = 25
-    """evaluate on the tiny test split every this many steps (0: never)"""
+    """evaluate on the tiny test split every this many steps (0: never; tiny task only)"""
     eval_problems: int = 64
     """test problems per evaluation"""
     eval_k: int = 4
@@ -1120,11 +1170,10 @@ class Args:
     """torch CPU threads per process, also for building the tiny models (1: on a loaded machine 2 threads run
     several times slower than 1; README, "thread count")"""
     dtype: str = "float32"
-    """float32 | bfloat16 for student and teacher weights"""
+    """compute dtype, float32 | bfloat16. The student's weights and AdamW state stay float32 (master weights; bf16
+    compute via FSDP2 mixed precision, or autocast in one process); teacher and reference are stored in this dtype"""
     gradient_checkpointing: bool = False
     """recompute activations in the student's backward pass (long responses on GPUs)"""
-    log_sampler_gap: bool = True
-    """log the mean |sampler - trainer| log-prob gap (keeps the sampler's logits: small vocabularies only)"""
     tiny_teacher_steps: int = 0
     """SFT steps of the tiny teacher (0: the testbed's default)"""
     tiny_student_steps: int = 0
@@ -1134,11 +1183,12 @@ class Args:
 PRESETS = {
     "tiny": {},
     # SCOPE_SPEC.md section 8: 256 prompts x 8 rollouts, one update per batch, lr 5e-5 constant, wd 0.01, T 0.6.
+    # Token budgets: README, "memory plan" (8 x 80 GB).
     "paper": dict(student="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", teacher="Skywork/Skywork-OR1-7B",
                   data="zwhe99/DeepMath-103K", instruction="Please reason step by step, and put your final answer "
-                  "within \\boxed{}.", prompts_per_step=256, micro_batch_prompts=1, max_new_tokens=12288,
-                  temperature=0.6, lr=5e-5, steps=500, seeded_sampling=False, eval_every=0, save_every=20,
-                  dtype="bfloat16", log_sampler_gap=False, cache_dir="", gradient_checkpointing=True),
+                  "within \\boxed{}.", prompts_per_step=256, max_new_tokens=12288, temperature=0.6, lr=5e-5,
+                  steps=500, seeded_sampling=False, eval_every=0, save_every=20, dtype="bfloat16", cache_dir="",
+                  gradient_checkpointing=True, micro_batch_tokens=32768, score_tokens=65536, rollout_tokens=1 << 20),
 }
 
 
@@ -1166,28 +1216,33 @@ def dataclass_cli(cls, argv=None, description="", dashes=False):
     return p, {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
 
 
-def parse_args(argv=None):
-    p, given = dataclass_cli(Args, argv, "SCOPE training (one process or torchrun)")
+def resolve(given):
+    """Args from a preset plus the fields given explicitly (they win)."""
     preset = given.get("preset", "tiny")
     if preset not in PRESETS:
-        p.error(f"--preset must be one of {list(PRESETS)}")
+        raise SystemExit(f"--preset must be one of {list(PRESETS)}, got {preset!r}")
     args = Args(**{**PRESETS[preset], **given})
     _check_option("method", args.method, ("scope", "opd", "grpo", "kd"))
     _check_option("logprob_temperature", args.logprob_temperature, ("one", "sampling"))
+    _check_option("dtype", args.dtype, ("float32", "bfloat16"))
     return args
+
+
+def parse_args(argv=None):
+    return resolve(dataclass_cli(Args, argv, "SCOPE training (one process or torchrun)")[1])
 
 
 # ----------------------------------------------------------------------------------------------------
 # 5. Training: one code path for one process and for torchrun (gloo on CPU, NCCL on GPU)
 # ----------------------------------------------------------------------------------------------------
-def all_reduce(values, device):
-    """Sum a list of numbers over ranks. EVERY collective on data goes through here: the tensor lives on the loop's
-    device, because an NCCL process group has no CPU backend ("No backend type associated with device type cpu")."""
+def all_reduce(values, device, op="sum"):
+    """Sum (or max) a list of numbers over ranks. EVERY collective on data goes through here, on the loop's device:
+    an NCCL process group has no CPU backend ("No backend type associated with device type cpu")."""
     import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.tolist()
 
 
@@ -1214,18 +1269,24 @@ def _load_tokenizer(name, auto, fast):
 
 
 def load_problems(data):
-    """Training problems from a local JSONL (fields problem, answer) or a Hugging Face dataset id."""
+    """Training problems from a .jsonl file, a directory of .jsonl files (fields problem, answer), or a Hugging Face
+    dataset id."""
     path = Path(data)
-    if path.exists():
+    if path.is_dir() or path.suffix == ".jsonl":
+        files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise SystemExit(f"--data {data}: {'no .jsonl file in this directory' if path.is_dir() else 'no such file'}")
         rows = []
-        for i, line in enumerate(path.open(), 1):
-            if line.strip():
-                row = json.loads(line)
-                for field in ("problem", "answer"):
+        for f in files:
+            for i, line in enumerate(f.open(), 1):
+                row = json.loads(line) if line.strip() else None
+                for field in ("problem", "answer") if row is not None else ():
                     if not isinstance(row.get(field), str):
-                        raise SystemExit(f"{path}:{i}: field {field!r} is missing or not a string")
-                rows.append(row)
+                        raise SystemExit(f"{f}:{i}: field {field!r} is missing or not a string")
+                rows += [row] if row is not None else []
         return rows
+    if path.exists():
+        raise SystemExit(f"--data {data}: expected a .jsonl file or a directory of them")
     try:
         import datasets
         ds = datasets.load_dataset(data, split="train")
@@ -1239,7 +1300,7 @@ def load_problems(data):
 
 def embedded_default(args, log):
     """The tiny testbed (a harness module, imported only here): its models and task fill whatever the user did not
-    name. Returns (student, teacher, train rows or None, test rows)."""
+    name. Returns (student, teacher, train rows or None, test rows for periodic evaluation)."""
     import tiny_testbed as tb
     student, teacher = args.student, args.teacher
     if not student or not teacher:
@@ -1247,7 +1308,7 @@ def embedded_default(args, log):
         s_spec = dataclasses.replace(tb.TINY_STUDENT, sft_steps=args.tiny_student_steps or tb.TINY_STUDENT.sft_steps)
         dirs = tb.build_tiny_models(args.cache_dir, t_spec, s_spec, seed=0, log=log, threads=args.threads)
         student, teacher = student or str(dirs[0]), teacher or str(dirs[1])
-    if args.data:                                                     # periodic eval: the tiny task's test split
+    if args.data:
         return student, teacher, None, []
     return student, teacher, tb.tiny_task("train", 20000, args.seed), tb.tiny_task("test", args.eval_problems, args.seed)
 
@@ -1262,13 +1323,17 @@ def step_prompts(step, n_rows, per_step, seed):
 
 
 def setup(args):
-    """Ranks, device, seeds, output directory. Returns (rank, world, device, owns_process_group)."""
+    """Ranks, device, seeds, output directory. -> a namespace: rank, world, device, fsdp, amp (the student's
+    compute-dtype context), own_group (this call started the process group)."""
+    import types
     import torch.distributed as dist
     ddp = int(os.environ.get("RANK", -1)) != -1
     own_group = ddp and not dist.is_initialized()                   # a caller (reproduce.py) may hold the group
     if own_group:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    if args.prompts_per_step % world:
+        raise SystemExit(f"--prompts_per_step {args.prompts_per_step} is not a multiple of the {world} ranks")
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -1276,48 +1341,79 @@ def setup(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
+    autocast = args.dtype != "float32" and not ddp                   # FSDP2 casts by itself (mixed precision)
+    amp = (lambda: torch.autocast(device.type, getattr(torch, args.dtype))) if autocast else contextlib.nullcontext
     if rank == 0:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         print("config:\n" + "\n".join(f"  {k:22s} {v}" for k, v in dataclasses.asdict(args).items()), flush=True)
         (Path(args.out_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-    return rank, world, device, own_group
+    return types.SimpleNamespace(rank=rank, world=world, device=device, fsdp=ddp, amp=amp, own_group=own_group)
 
 
-def load_models(args, student_name, teacher_name, ckpt, device):
-    """(tokenizer, student, teacher or None, GRPO reference or None, optimizer)."""
+def shard(model, dtype):
+    """FSDP2: one unit per decoder layer, then the root. Parameters (master weights), gradients and AdamW state stay
+    fp32 and sharded over ranks; each unit is gathered in `dtype` for compute; gradients reduce in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def load_models(args, rt, student_name, teacher_name, ckpt):
+    """(tokenizer, student, teacher or None, GRPO reference or None, optimizer). The student loads in fp32."""
     import copy
     tokenizer = load_model(student_name, "student")
-    student = load_model(str(ckpt) if ckpt else student_name, "student", args.dtype, device)
-    teacher = load_model(teacher_name, "teacher", args.dtype, device) if args.method in ("scope", "opd", "kd") else None
+    student = load_model(str(ckpt) if ckpt else student_name, "student", "float32", rt.device)
+    teacher = load_model(teacher_name, "teacher", args.dtype, rt.device) if args.method in ("scope", "opd", "kd") else None
     if teacher is not None and load_model(teacher_name, "teacher").get_vocab() != tokenizer.get_vocab():
         raise SystemExit(f"student {student_name} and teacher {teacher_name} do not share a tokenizer: the "
                          "teacher must score the student's own token ids")
     ref = None
     if args.method == "grpo" and args.grpo_kl_coef > 0:                # the reference is the initial policy
-        ref = load_model(student_name, "student", args.dtype, device) if ckpt else copy.deepcopy(student).eval()
+        ref = load_model(student_name, "student", args.dtype, rt.device) if ckpt else copy.deepcopy(student).to(
+            getattr(torch, args.dtype)).eval()
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    if rt.fsdp:
+        student = shard(student, args.dtype)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     return tokenizer, student, teacher, ref, opt
 
 
-def sample_rollouts(args, step, student, teacher, tokenizer, rows, idx, my, kd_cache, device):
-    """Phase 1: N rollouts per prompt from the student (KD: the teacher's samples, generated once and cached)."""
-    if args.method != "kd":
-        prompts = [prompt_text(tokenizer, rows[idx[j]]["problem"], args.instruction) for j in my]
-        seeds = row_seeds(args.seed, step, [(j, i) for j in my for i in range(args.n_rollouts)]) if args.seeded_sampling else None
-        return generate(student, tokenizer, prompts, args.n_rollouts, args.max_new_tokens, args.temperature,
-                        args.top_p, args.top_k, seeds, return_logits=args.log_sampler_gap)
-    n = args.kd_samples
-    missing = [j for j in my if idx[j] not in kd_cache]
-    if missing:
-        prompts = [prompt_text(tokenizer, rows[idx[j]]["problem"], args.instruction) for j in missing]
-        seeds = row_seeds(args.seed, "kd", [(idx[j], i) for j in missing for i in range(n)]) if args.seeded_sampling else None
-        b = generate(teacher, tokenizer, prompts, n, args.max_new_tokens, args.temperature, args.top_p, args.top_k, seeds)
-        for q, j in enumerate(missing):
-            kd_cache[idx[j]] = {k: v[q * n:(q + 1) * n].cpu() for k, v in b.items()}
-    parts = [kd_cache[idx[j]] for j in my]
-    return {k: _pad_cat([p[k] for p in parts], k, tokenizer.pad_token_id).to(device) for k in parts[0]}
+def split_evenly(items, k):
+    """k contiguous, nearly equal parts of items."""
+    q, r = divmod(len(items), k)
+    bounds = [i * q + min(i, r) for i in range(k + 1)]
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache):
+    """Phase 1: N rollouts per prompt from the student (KD: the teacher's samples, generated once and cached), in
+    generate calls whose KV cache fits rollout_tokens; every rank makes the same number of calls (FSDP2)."""
+    n, lp_temp = args.n_rollouts, args.temperature if args.logprob_temperature == "sampling" else 1.0
+    if args.method == "kd":
+        part = [j for j in my if idx[j] not in kd_cache]
+        if part:
+            prompts = [prompt_text(tokenizer, rows[idx[j]]["problem"], args.instruction) for j in part]
+            seeds = row_seeds(args.seed, "kd", [(idx[j], i) for j in part for i in range(args.kd_samples)])
+            b = generate(teacher, tokenizer, prompts, args.kd_samples, args.max_new_tokens, args.temperature,
+                         args.top_p, args.top_k, seeds if args.seeded_sampling else None)
+            for q, j in enumerate(part):
+                kd_cache[idx[j]] = {k: v[q * args.kd_samples:(q + 1) * args.kd_samples].cpu() for k, v in b.items()}
+        parts = [kd_cache[idx[j]] for j in my]
+        return {k: _pad_cat([p[k] for p in parts], k, tokenizer.pad_token_id).to(rt.device) for k in parts[0]}
+    prompts = [prompt_text(tokenizer, rows[idx[j]]["problem"], args.instruction) for j in my]
+    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts) + args.max_new_tokens
+    per_call = max(1, args.rollout_tokens // (longest * n)) if args.rollout_tokens else len(my)
+    calls = int(all_reduce([math.ceil(len(my) / per_call)], rt.device, "max")[0])
+    out = []
+    for part in split_evenly(list(range(len(my))), calls):
+        seeds = row_seeds(args.seed, step, [(my[q], i) for q in part for i in range(n)])
+        with rt.amp():
+            out.append(generate(student, tokenizer, [prompts[q] for q in part], n, args.max_new_tokens, args.temperature,
+                                args.top_p, args.top_k, seeds if args.seeded_sampling else None, lp_temp, rt.fsdp))
+    return {k: _pad_cat([o[k] for o in out], k, tokenizer.pad_token_id) for k in out[0]}
 
 
 def verify_rollouts(tokenizer, batch, golds, n, device):
@@ -1327,106 +1423,121 @@ def verify_rollouts(tokenizer, batch, golds, n, device):
                         device=device)                                # (B*n,)
 
 
-def micro_batch_loss(args, student, part, rewards, group_ids, advantages, logp_teacher, logp_ref, counts, n, lp_temp):
-    """Phase 4, one micro-batch of whole prompt groups: s_it with gradient, then the method's loss (section 1)."""
-    shared = n > 1 and not args.gradient_checkpointing               # one prompt pass per group (no GC + cache)
-    logp = (shared_prompt_logprobs(student, part, n, lp_temp) if shared   # (b, t) s_it, with grad
-            else sequence_logprobs(student, part, lp_temp))
+def method_loss(args, logp, part, w, adv, logp_teacher, logp_ref, counts):
+    """The method's loss on one micro-batch (section 1). logp (b, t): s_it with gradient."""
     logp_old = logp.detach()                                          # o_it: one update per batch, theta = theta_old
-    mask, width = part["response_mask"], logp.shape[1]
-    if args.method == "scope":
-        lp_t = logp_teacher[:, :width]                                # (b, t) T_it
-        w = scope_weights(logp_old, lp_t, mask, group_ids, rewards, args.tau, args.weight_norm, args.student_weight,
-                          args.teacher_weight)                        # eq. 4-5
-        loss, m = scope_loss(logp, logp_old, lp_t, mask, rewards, w, group_ids, args.loss_agg, counts)  # eq. 6
-    elif args.method == "opd":
-        loss, m = opd_loss(logp, logp_old, logp_teacher[:, :width], mask, group_ids, args.loss_agg, counts)
-    elif args.method == "grpo":
-        ref = logp_ref[:, :width] if logp_ref is not None else logp_old
-        loss, m = grpo_loss(logp, logp_old, ref, mask, advantages, args.grpo_clip, args.grpo_kl_coef, counts)
-    else:
-        loss, m = kd_loss(logp, mask, counts)
-    return loss, m, logp_old
+    mask, rewards, groups = part["response_mask"], part["rewards"], part["groups"]
+    if args.method == "scope":                                        # eq. 6, weights of the whole batch (eq. 4-5)
+        return scope_loss(logp, logp_old, logp_teacher, mask, rewards, w, groups, args.loss_agg, counts)
+    if args.method == "opd":
+        return opd_loss(logp, logp_old, logp_teacher, mask, groups, args.loss_agg, counts, weights=w)
+    if args.method == "grpo":
+        ref = logp_ref if logp_ref is not None else logp_old
+        return grpo_loss(logp, logp_old, ref, mask, adv, args.grpo_clip, args.grpo_kl_coef, counts)
+    return kd_loss(logp, mask, counts)
 
 
-def update_student(args, student, opt, batch, rewards, group_ids, logp_teacher, logp_ref, sampler_logits, device):
-    """Phase 4: one optimizer step. Every normaliser is a count over the GLOBAL batch (all ranks), so the summed
-    gradient of the micro-batches, summed over ranks, is the gradient of the full batch (README: normalisation)."""
-    import torch.distributed as dist
+def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
+    """Phase 4: weights of the whole batch, then one optimizer step over token-budget micro-batches (a group may be
+    split). Every normaliser is a count over the GLOBAL batch, so the summed gradient of the micro-batches, summed
+    over ranks, is the gradient of the full batch (README: normalisation)."""
     n = args.n_rollouts if args.method != "kd" else args.kd_samples
     lp_temp = args.temperature if args.logprob_temperature == "sampling" else 1.0
-    local = batch_counts(batch["response_mask"], rewards, group_ids)
-    counts = dict(zip(local, all_reduce(local.values(), device)))
-    advantages = grpo_advantages(rewards, group_ids) if args.method == "grpo" else None
+    mask, rewards, groups = batch["response_mask"], batch["rewards"], batch["groups"]
+    local = batch_counts(mask, rewards, groups, group_size=n)
+    counts = dict(zip(local, all_reduce(local.values(), rt.device)))
+    w = adv = None
+    if args.method == "scope":                                        # eq. 4-5 from pi_old: the sampler's log-probs
+        w = scope_weights(batch["logp_sampler"], logp_teacher, mask, groups, rewards, args.tau, args.weight_norm,
+                          args.student_weight, args.teacher_weight)
+    elif args.method == "opd":
+        w = uniform_weights(groups, args.loss_agg)
+    elif args.method == "grpo":
+        adv = grpo_advantages(rewards, groups)
+    parts = micro_batches(batch, args.micro_batch_tokens)
+    parts = micro_batches(batch, args.micro_batch_tokens, int(all_reduce([len(parts)], rt.device, "max")[0]))
     student.train()
     opt.zero_grad(set_to_none=True)
-    logs, gap, nll, mb = [], [], 0.0, args.micro_batch_prompts * n
-    for i in range(0, rewards.shape[0], mb):                          # whole prompt groups per micro-batch
-        sl = slice(i, i + mb)
-        part = trim({k: v[sl] for k, v in batch.items() if k != "truncated"})
-        loss, m, logp_old = micro_batch_loss(
-            args, student, part, rewards[sl], group_ids[sl], advantages[sl] if advantages is not None else None,
-            logp_teacher[sl] if logp_teacher is not None else None, logp_ref[sl] if logp_ref is not None else None,
-            counts, n, lp_temp)
-        loss.backward()
+    logs, gap, nll, shared = [], [], 0.0, n > 1 and not args.gradient_checkpointing   # (no GC + KV cache)
+    for sl in parts:
+        part = trim({k: v[sl] for k, v in batch.items()})
+        with rt.amp():
+            logp = (shared_prompt_logprobs(student, part, part["groups"], lp_temp) if shared  # (b, t) s_it
+                    else sequence_logprobs(student, part, lp_temp))
+        width = logp.shape[1]
+        loss, m = method_loss(args, logp, part, None if w is None else w[sl], None if adv is None else adv[sl],
+                              None if logp_teacher is None else logp_teacher[sl, :width],
+                              None if logp_ref is None else logp_ref[sl, :width], counts)
+        (loss * rt.world).backward()                                  # FSDP2 averages over ranks: undo, to sum
         logs.append(m)
-        mask = part["response_mask"]
-        nll += float(-(logp_old * mask).sum())                        # the student's NLL of its own tokens
-        if sampler_logits is not None:
-            s_lp = token_logprobs(sampler_logits[sl, :logp_old.shape[1]], part["response_ids"], lp_temp)
-            gap.append(float(((s_lp - logp_old).abs() * mask).sum() / mask.sum().clamp(min=1)))
-    if dist.is_initialized() and dist.get_world_size() > 1:           # sum (not mean): losses use global counts
-        for p in student.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
+        pm = part["response_mask"]
+        nll += float(-(logp.detach() * pm).sum())                     # the student's NLL of its own tokens
+        gap.append(float(((part["logp_sampler"] - logp.detach()).abs() * pm).sum()))
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
     opt.step()
     student.eval()
     losses = {k: sum(m[k] for m in logs) for k in logs[0] if k.startswith("loss/")}   # micro-batches sum up ...
     record = {k: sum(m[k] for m in logs) / len(logs) for k in logs[0]}
-    record.update(zip(losses, all_reduce(losses.values(), device)))   # ... and so do ranks (global normalisers)
-    record.update({"loss": sum(record[k] for k in losses), "train/grad_norm": float(grad_norm), "_nll": nll})
-    if gap:
-        record["rollout/sampler_gap"] = sum(gap) / len(gap)
-    return record
+    record.update(zip(losses, all_reduce(losses.values(), rt.device)))  # ... and so do ranks (global normalisers)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP2: a DTensor
+    return {**record, "loss": sum(record[k] for k in losses), "train/grad_norm": float(grad_norm), "_nll": nll,
+            "_gap": sum(gap)}
 
 
-def evaluate(model, tokenizer, rows, k, args, seed_key):
-    """Avg@k and unbiased Pass@k per level (rows' "level" field) and overall, sampling like training."""
-    per_level = {}
-    for start in range(0, len(rows), 16):
-        chunk = rows[start:start + 16]
-        prompts = [prompt_text(tokenizer, r["problem"], args.instruction) for r in chunk]
-        seeds = row_seeds(seed_key, range(start * k, (start + len(chunk)) * k)) if args.seeded_sampling else None
-        b = generate(model, tokenizer, prompts, k, args.max_new_tokens, args.temperature, args.top_p, args.top_k, seeds)
+def evaluate(model, tokenizer, rows, k, args, seed_key, rt=None):
+    """Avg@k and unbiased Pass@k per level (rows' "level" field) and overall, sampling like training. Under torchrun
+    every rank samples a shard of the problems (the same number of generate calls each) and the counts are summed."""
+    rank, world, device = (rt.rank, rt.world, rt.device) if rt else (0, 1, "cpu")
+    mine = list(range(rank, len(rows), world))
+    calls = int(all_reduce([math.ceil(len(mine) / 16)], device, "max")[0])
+    levels = sorted({r.get("level", "all") for r in rows})
+    correct = {lv: [0.0] * (k + 1) for lv in levels}                 # per level: problems with c correct, c = 0..k
+    for part in split_evenly(mine, max(calls, 1)):
+        prompts = [prompt_text(tokenizer, rows[i]["problem"], args.instruction) for i in part]
+        seeds = row_seeds(seed_key, [i * k + j for i in part for j in range(k)]) if args.seeded_sampling else None
+        with (rt.amp() if rt else contextlib.nullcontext()):
+            b = generate(model, tokenizer, prompts, k, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                         seeds, synced=bool(rt and rt.fsdp))
         texts = tokenizer.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
-        for i, r in enumerate(chunk):
-            c = sum(reward(texts[i * k + j], r["answer"], bool(b["truncated"][i * k + j])) for j in range(k))
-            per_level.setdefault(r.get("level", "all"), []).append(int(c))
+        for q, i in enumerate(part):
+            c = sum(reward(texts[q * k + j], rows[i]["answer"], bool(b["truncated"][q * k + j])) for j in range(k))
+            correct[rows[i].get("level", "all")][int(c)] += 1
+    flat = all_reduce([x for lv in levels for x in correct[lv]], device)
+    hist = {lv: flat[i * (k + 1):(i + 1) * (k + 1)] for i, lv in enumerate(levels)}
+    hist["all"] = [sum(h[c] for h in hist.values()) for c in range(k + 1)] if "all" not in hist else hist["all"]
     out = {}
-    for level, cs in sorted(per_level.items()) + [("all", [c for cs in per_level.values() for c in cs])]:
-        out[f"eval/{level}/avg@{k}"] = sum(cs) / (k * len(cs))
-        out[f"eval/{level}/pass@{k}"] = sum(pass_at_k(k, c, k) for c in cs) / len(cs)
+    for lv, h in sorted(hist.items(), key=lambda x: x[0] == "all"):
+        total = max(sum(h), 1.0)
+        out[f"eval/{lv}/avg@{k}"] = sum(c * h[c] for c in range(k + 1)) / (k * total)
+        out[f"eval/{lv}/pass@{k}"] = sum(pass_at_k(k, c, k) * h[c] for c in range(k + 1)) / total
     return out
 
 
-def save_checkpoint(out, step, model, tokenizer, opt, args, rank, world):
-    """Atomic: everything goes to checkpoint.tmp, which then replaces checkpoint in one rename."""
+def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
+    """Atomic: everything goes to checkpoint.tmp, which then replaces checkpoint in one rename. Model and optimizer
+    state are gathered to rank 0 (full state dicts, so the directory is a plain Hugging Face model for eval)."""
     import torch.distributed as dist
-    barrier = dist.barrier if world > 1 else (lambda: None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    barrier = dist.barrier if rt.world > 1 else (lambda: None)
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    if rank == 0:
+    if rt.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        model.save_pretrained(tmp, safe_serialization=True)
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tied = {k for k, _ in model.named_parameters(remove_duplicate=False)} - {k for k, _ in model.named_parameters()}
+    msd = {k: v for k, v in msd.items() if k not in tied}             # e.g. lm_head.weight = embed_tokens.weight
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rt.rank}.pt")
+    if rt.rank == 0:
+        model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
+        cfg = json.loads((tmp / "config.json").read_text())           # FSDP2 renames the class: FSDPQwen2ForCausalLM
+        cfg["architectures"] = [a.removeprefix("FSDP") for a in cfg.get("architectures") or []]
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         tokenizer.save_pretrained(tmp)
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world": world, "config": dataclasses.asdict(args)}))
+        torch.save(osd, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world": rt.world, "config": dataclasses.asdict(args)}))
     barrier()
-    if rank == 0:
+    if rt.rank == 0:
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -1441,15 +1552,18 @@ def latest_checkpoint(out):
     return None
 
 
-def resume(ckpt, opt, rank, out):
-    """Restore optimizer and RNG state; drop metric lines the checkpoint does not cover. Returns the start step."""
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-    rng = torch.load(ckpt / f"rng_rank{rank}.pt", weights_only=False)
+def resume(ckpt, student, opt, rt, out):
+    """Restore optimizer (re-sharded over this run's ranks) and RNG state; drop metric lines the checkpoint does not
+    cover. The weights were loaded from the checkpoint directory. Returns the start step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    osd = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    set_optimizer_state_dict(student, opt, osd, options=StateDictOptions(full_state_dict=True))
+    rng = torch.load(ckpt / f"rng_rank{rt.rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     start = json.loads((ckpt / "state.json").read_text())["step"]
     path = out / "metrics.jsonl"
-    if rank == 0 and path.exists():
+    if rt.rank == 0 and path.exists():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
         path.write_text("".join(line + "\n" for line in kept))
     return start
@@ -1461,68 +1575,93 @@ def train(args):
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
-    rank, world, device, own_group = setup(args)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    rt = setup(args)
+    say = print if rt.rank == 0 else (lambda *a, **k: None)
     student_name, teacher_name, rows, test_rows = args.student, args.teacher, None, []
     if not (args.student and args.teacher and args.data):             # the embedded default fills the gaps
         student_name, teacher_name, rows, test_rows = embedded_default(args, say)
     rows = rows or load_problems(args.data)
     if args.eval_every and not test_rows:
         say("eval_every: periodic evaluation runs on the tiny task only; evaluate checkpoints with `python -m eval`")
+    say(memory_plan(args, student_name, teacher_name, rt.world))
     out = Path(args.out_dir)
     ckpt = latest_checkpoint(out) if args.resume else None
-    tokenizer, student, teacher, ref, opt = load_models(args, student_name, teacher_name, ckpt, device)
-    start = resume(ckpt, opt, rank, out) if ckpt else 0
+    tokenizer, student, teacher, ref, opt = load_models(args, rt, student_name, teacher_name, ckpt)
+    start = resume(ckpt, student, opt, rt, out) if ckpt else 0
     if ckpt:
         say(f"resumed from {ckpt} at step {start}")
-    elif rank == 0:
+    elif rt.rank == 0:
         (out / "metrics.jsonl").write_text("")
-    if world > 1:                                                     # identical starting weights on every rank
-        for p in student.parameters():
-            dist.broadcast(p.data, 0)
     kd_cache = {}
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, disable=rank != 0)
+    n = args.n_rollouts if args.method != "kd" else args.kd_samples
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, disable=rt.rank != 0)
     for step in bar:
         idx = step_prompts(step, len(rows), args.prompts_per_step, args.seed)
-        my = list(range(rank, len(idx), world))                       # this rank's positions in the global batch
-        n = args.n_rollouts if args.method != "kd" else args.kd_samples
+        my = list(range(rt.rank, len(idx), rt.world))                  # this rank's positions in the global batch
         t = {"time/generate": time.time()}
-        batch = sample_rollouts(args, step, student, teacher, tokenizer, rows, idx, my, kd_cache, device)  # 1. rollouts
-        sampler_logits = batch.pop("sampler_logits", None)
+        batch = sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache)     # 1. rollouts
         t["time/verify"] = time.time()
-        rewards = verify_rollouts(tokenizer, batch, [rows[idx[j]]["answer"] for j in my], n, device)      # 2. verify
-        group_ids = torch.tensor(my, device=device).repeat_interleave(n)   # (B*n,) one id per global prompt
-        t["time/score"] = time.time()                                 # 3. teacher T_it / reference (no grad)
-        logp_teacher = teacher_logprobs(teacher, batch, args.score_micro_batch, n) if args.method in ("scope", "opd") else None
-        logp_ref = teacher_logprobs(ref, batch, args.score_micro_batch, n) if ref is not None else None
+        batch["rewards"] = verify_rollouts(tokenizer, batch, [rows[idx[j]]["answer"] for j in my], n, rt.device)  # 2.
+        batch["groups"] = torch.tensor(my, device=rt.device).repeat_interleave(n)   # (B*n,) one id per global prompt
+        t["time/score"] = time.time()                                 # 3. teacher T_it / GRPO reference (no grad)
+        logp_teacher = (score_logprobs(teacher, batch, batch["groups"], args.score_tokens)
+                        if args.method in ("scope", "opd") else None)
+        logp_ref = score_logprobs(ref, batch, batch["groups"], args.score_tokens) if ref is not None else None
         t["time/update"] = time.time()                                # 4. weights (eq. 4-5) and one update (eq. 6)
-        record = update_student(args, student, opt, batch, rewards, group_ids, logp_teacher, logp_ref, sampler_logits,
-                                device)
+        record = update_student(args, rt, student, opt, batch, logp_teacher, logp_ref)
         t["end"] = time.time()
-        record = log_step(args, step, record, batch, rewards, t, device)  # 5. log, evaluate, checkpoint
-        if args.eval_every and test_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps) and rank == 0:
-            record.update(evaluate(student, tokenizer, test_rows, args.eval_k, args, (args.seed, "eval")))
-        if rank == 0:
+        record = log_step(step, record, batch, t, rt.device)          # 5. log, evaluate, checkpoint
+        if args.eval_every and test_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            record.update(evaluate(student, tokenizer, test_rows, args.eval_k, args, (args.seed, "eval"), rt))
+        if rt.rank == 0:
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(reward=f"{record['train/reward_mean']:.2f}", loss=f"{record['loss']:.3f}")
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-            save_checkpoint(out, step + 1, student, tokenizer, opt, args, rank, world)
-    if own_group:
+            save_checkpoint(out, step + 1, student, tokenizer, opt, args, rt)
+    if rt.own_group:
         dist.destroy_process_group()
     return student
 
 
-def log_step(args, step, record, batch, rewards, t, device):
+def log_step(step, record, batch, t, device):
     """Phase 5: the step's JSON record, with batch statistics summed over ranks (README: logging keys)."""
-    tokens = float(batch["response_mask"].sum())
-    r_sum, rows, trunc, tok, nll = all_reduce([rewards.sum(), rewards.numel(), batch["truncated"].sum(), tokens,
-                                               record.pop("_nll")], device)
+    mask = batch["response_mask"]
+    r_sum, rows, trunc, tok, nll, gap = all_reduce([batch["rewards"].sum(), mask.shape[0], batch["truncated"].sum(),
+                                                    mask.sum(), record.pop("_nll"), record.pop("_gap")], device)
     phases = ["time/generate", "time/verify", "time/score", "time/update", "end"]
     times = {k: t[nxt] - t[k] for k, nxt in zip(phases, phases[1:])}
     return {"step": step + 1, **record, "train/reward_mean": r_sum / rows, "rollout/truncated_frac": trunc / rows,
             "rollout/mean_len": tok / rows, "rollout/nll_student": nll / max(tok, 1.0),
-            "perf/tokens_per_s": tok / max(sum(times.values()), 1e-9), **times}
+            "rollout/sampler_gap": gap / max(tok, 1.0), "perf/tokens_per_s": tok / max(sum(times.values()), 1e-9), **times}
+
+
+def memory_plan(args, student_name, teacher_name, world):
+    """Estimated GiB per rank by phase, from the model configs (README: memory plan); printed before step 1."""
+    from transformers import AutoConfig
+    try:
+        s, t = (AutoConfig.from_pretrained(name) for name in (student_name, teacher_name))
+    except OSError:
+        return "memory plan: model configs not reachable"
+    def params(c):                                                    # decoder-only transformer
+        kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+        layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+        return c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
+    def kv_bytes(c):                                                  # bf16 K and V, per token
+        return 2 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    ps, pt, gib, half = params(s), params(t), 2**30, 2 if args.dtype == "bfloat16" else 4
+    layer = (ps - s.vocab_size * s.hidden_size) / s.num_hidden_layers
+    act = args.micro_batch_tokens * s.hidden_size * half * (s.num_hidden_layers if args.gradient_checkpointing else 16 * s.num_hidden_layers)
+    plan = {"student fp32 weights + AdamW state (sharded)": 12 * ps / world,
+            "teacher (replicated)": half * pt * (args.method in ("scope", "opd", "kd")),
+            "rollouts: KV cache + gathered layers": args.rollout_tokens * kv_bytes(s) + 2 * half * layer,
+            "scoring: teacher activations (no grad)": args.score_tokens * (t.hidden_size * 4 + t.intermediate_size) * half,
+            "update: fp32 grads (sharded) + activations + log-prob chunk": 4 * ps / world + act
+            + 3 * 4 * 2**25 + args.micro_batch_tokens * s.hidden_size * 4}
+    fixed = sum(list(plan.values())[:2])
+    peak = fixed + max(list(plan.values())[2:])
+    lines = [f"  {k:62s} {v / gib:7.1f} GiB" for k, v in plan.items()]
+    return "memory plan per rank (estimate):\n" + "\n".join(lines) + f"\n  {'peak = first two + the largest phase':62s} {peak / gib:7.1f} GiB"
 
 
 def _pad_cat(tensors, key, pad_id):

@@ -1,0 +1,85 @@
+"""The tiny testbed (harness side): task, tokenizer, and a model build that survives being killed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import scope
+import tiny_testbed
+from conftest import ROOT
+
+# Small enough that a build takes seconds; the same code path as the real tiny models.
+BUILDER = """
+import sys
+sys.path.insert(0, {root!r})
+import tiny_testbed as tb
+spec = dict(hidden=16, layers=1, heads=2, sft_lr=3e-3, sft_batch=8, warmup=2)
+dirs = tb.build_tiny_models({cache!r}, tb.TinyModel(sft_steps=400, **spec), tb.TinyModel(sft_steps=40, **spec),
+                            log=lambda *a: print(*a, flush=True), wait_report_s=0.2)
+print("RESULT", dirs[0], flush=True)
+"""
+
+
+def _wait_for(predicate, what, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_killed_build_is_taken_over_and_nothing_half_built_is_used(tmp_path):
+    """A builds; B waits and reports A's progress; A is SIGKILLed mid-build; B sees A is gone, says so, builds
+    from scratch and finishes; the result is a complete, loadable model, and a third call reuses it at once."""
+    cache = tmp_path / "cache"
+    script = tmp_path / "build.py"
+    script.write_text(BUILDER.format(root=str(ROOT), cache=str(cache)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = subprocess.Popen([sys.executable, str(script)], stdout=log_a.open("w"), stderr=subprocess.STDOUT, env=env)
+    status = []
+    _wait_for(lambda: bool(status := list(cache.glob("tiny-*.status"))) and "SFT step" in status[0].read_text(),
+              "the builder's progress")
+    b = subprocess.Popen([sys.executable, str(script)], stdout=log_b.open("w"), stderr=subprocess.STDOUT, env=env)
+    _wait_for(lambda: f"waiting for process {a.pid}" in log_b.read_text(), "the waiter's message")
+    assert "teacher: SFT step" in log_b.read_text()                 # the waiter shows how far the builder got
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    finished = [p for p in cache.glob("tiny-*") if p.is_dir() and not p.name.endswith(".building")]
+    assert finished == [], "a killed build left a directory that looks finished"
+    assert b.wait(timeout=300) == 0, log_b.read_text()[-2000:]
+    out = log_b.read_text()
+    assert f"the build by process {a.pid}" in out and "taking over" in out
+    student = out.split("RESULT ")[1].split()[0]
+    assert (tmp_path / "cache" / os.path.basename(os.path.dirname(student)) / "DONE").exists()
+    assert not list(cache.glob("*.building")) and not list(cache.glob("*.status"))
+    tok = scope.load_model(student, "student")
+    model = scope.load_model(student, "student", "float32")
+    rollouts = scope.generate(model, tok, [scope.prompt_text(tok, "1+2=?")], 2, 4, seeds=[1, 2])
+    assert rollouts["response_ids"].shape == (2, 4)
+    t0 = time.time()
+    again = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0 and f"RESULT {student}" in again.stdout and "building" not in again.stdout
+    assert "waiting" not in again.stdout and time.time() - t0 < 60
+
+
+def test_tiny_task_is_deterministic_and_verifiable():
+    a, b = tiny_testbed.tiny_task("train", 50, seed=3), tiny_testbed.tiny_task("train", 50, seed=3)
+    assert a == b and a != tiny_testbed.tiny_task("test", 50, seed=3)
+    assert {r["level"] for r in a} == set(tiny_testbed.TINY_LEVELS)
+    for r in a:
+        assert scope.reward(r["solution"], r["answer"]) == 1.0
+        if r["level"] != "frac":                                    # a near miss is rejected
+            assert scope.reward(r["solution"], str(int(r["answer"]) + 1)) == 0.0
+
+
+def test_scope_imports_no_harness_module_at_import_time():
+    """scope.py is the method: importing it loads neither the testbed nor eval/ nor reproduce.py."""
+    code = ("import sys; sys.path.insert(0, %r); import scope; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('tiny_testbed', 'eval', 'reproduce'))))" % str(ROOT))
+    res = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
+    assert json.loads(res.stdout) == []
