@@ -62,8 +62,8 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 @dataclasses.dataclass
 class RArgs:
-    preset: str = ""
-    """tiny or paper; empty: tiny without a GPU, paper with one"""
+    preset: str = "tiny"
+    """tiny (minutes on a CPU) or paper (the paper's models and data; days on a GPU node: never chosen implicitly)"""
     seeds: str = "0"
     """comma-separated training seeds"""
     methods: str = ",".join(METHODS)
@@ -80,6 +80,8 @@ class RArgs:
     """teacher model path/id (default: the preset's)"""
     data_dir: str = ""
     """benchmark JSONL directory for the paper preset (default: $SCOPE_DATA_DIR)"""
+    data: str = ""
+    """training problems: a .jsonl file or a directory of them (default: the preset's)"""
     out: str = "results"
     """output directory"""
     results_md: str = "RESULTS.md"
@@ -105,8 +107,14 @@ def preset_settings(a):
         ev.update(n=2, limit=2)
     if a.steps:
         train["steps"] = a.steps
-    train.update({k: v for k, v in (("student", a.student), ("teacher", a.teacher)) if v})
+    train.update({k: v for k, v in (("student", a.student), ("teacher", a.teacher), ("data", a.data)) if v})
     return train, ev, names
+
+
+def train_args(a, run, seed, out, train_over):
+    """The scope.Args of one training run: the preset's (scope.PRESETS), then reproduce's overrides, then the run's."""
+    over = {"preset": a.preset, "out_dir": str(out / "runs" / f"{run}-s{seed}"), "seed": seed, "resume": True}
+    return scope.resolve({**over, **train_over, **runs_of(a)[run]})
 
 
 def runs_of(a):
@@ -127,16 +135,20 @@ def fmt_time(s):
 def main(argv=None):
     _, given = scope.dataclass_cli(RArgs, argv, __doc__.splitlines()[0], dashes=True)
     a = RArgs(**given)
-    if not a.preset:
-        a.preset = "paper" if torch.cuda.is_available() else "tiny"
     if a.preset not in ("tiny", "paper"):
         raise SystemExit("--preset must be tiny or paper")
+    if torch.cuda.is_available() and "preset" not in given:
+        print("reproduce.py: a GPU is present, running the TINY preset (minutes). The paper's runs (days on 8 GPUs) "
+              "need an explicit --preset paper.", flush=True)
 
     import torch.distributed as dist
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:                                           # one process group for every training run
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    master = not ddp or dist.get_rank() == 0
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0
     say = print if master else (lambda *x, **k: None)
     train_over, ev, bench_names = preset_settings(a)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -153,7 +165,7 @@ def main(argv=None):
     done_phases = 0
     for run, seed in phases:
         run_dir = out / "runs" / f"{run}-s{seed}"
-        targs = scope.Args(**{**dict(out_dir=str(run_dir), seed=seed, resume=True), **train_over, **runs[run]})
+        targs = train_args(a, run, seed, out, train_over)
         elapsed = time.time() - t_start
         eta = elapsed / done_phases * (len(phases) - done_phases) if done_phases else float("nan")
         say(f"[{done_phases + 1}/{len(phases)}] {run} seed {seed}: elapsed {fmt_time(elapsed)}"
@@ -170,21 +182,17 @@ def main(argv=None):
             if master:
                 (run_dir / "train_done.json").write_text(json.dumps({"seconds": time.time() - t0}))
             model_dir = run_dir / "checkpoint"
-        if model_dir is None:
-            if not targs.student:                     # the tiny student, built (or reused) like in training
-                model_dir = tiny_testbed.build_tiny_models(targs.cache_dir, log=say)[0] if master else None
-            else:
-                model_dir = targs.student
-        # -- evaluate (rank 0; evaluate() itself skips finished problems)
-        if master:
-            eargs = EvalArgs(model=str(model_dir), benchmarks=",".join(bench_names), out_dir=str(run_dir / "eval"),
-                             seed=seed, **ev)
-            if not (run_dir / "eval" / "results.json").exists():
-                evaluate(eargs, progress=True)
-            else:
-                say(f"  evaluation done earlier: {run_dir / 'eval' / 'results.json'}")
+        if model_dir is None:                        # the untrained student: the tiny one is built like in training
+            model_dir = targs.student or tiny_testbed.build_tiny_models(targs.cache_dir, log=say, threads=targs.threads)[0]
+        # -- evaluate: every rank a shard of the problems, merged by rank 0 (eval.run.evaluate: no collective waits)
+        eargs = EvalArgs(model=str(model_dir), benchmarks=",".join(bench_names), out_dir=str(run_dir / "eval"),
+                         seed=seed, **ev)
+        if (run_dir / "eval" / "results.json").exists():
+            say(f"  evaluation done earlier: {run_dir / 'eval' / 'results.json'}")
+        else:
+            evaluate(eargs, progress=master, rank=rank, world=world)
         if ddp:
-            dist.barrier()
+            dist.barrier()                            # everyone has finished: eval waited on the files
         done_phases += 1
     wall = time.time() - t_start
     if master:

@@ -137,51 +137,79 @@ def read_samples(path):
     return out
 
 
-def evaluate(args, generator=None, progress=True):
+def evaluate(args, generator=None, progress=True, rank=0, world=1):
     """Run (or resume) the evaluation; returns the results dict also written to out_dir/results.json.
-    generator(bench, rows, n) -> per row a list of n (response text, truncated); default: the chosen backend."""
+    generator(bench, rows, n) -> per row a list of n (response text, truncated); default: the chosen backend.
+    rank/world: under torchrun every rank samples problems rank, rank + world, ... into its own shard file, waits for
+    the other shards by reading their files (no collective, so no NCCL timeout however uneven the shards are), and
+    rank 0 merges them; the other ranks return None."""
     from tqdm import tqdm
     args = resolve(args)
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {name: benchmarks.load(name, args.data_dir or None, args.hub, args.limit or None) for name in names}
-    per_benchmark = {}
+
+    def shard_path(name, r):
+        return out / (f"{name}.samples.jsonl" if world == 1 else f"{name}.samples.rank{r}of{world}.jsonl")
+
     for name, rows in data.items():
-        path = out / f"{name}.samples.jsonl"
-        samples = read_samples(path)
-        done = {}
-        for s in samples:
-            done.setdefault(s["problem_id"], []).append(s)
-        complete = {pid for pid, ss in done.items() if len(ss) == args.n}
-        samples = [s for s in samples if s["problem_id"] in complete]      # drop partial problems
-        path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-        todo = [r for r in rows if r["id"] not in complete]
+        path, mine = shard_path(name, rank), rows[rank::world]
+        samples = complete_samples(path, args.n)
+        path.write_text("".join(json.dumps(s) + "\n" for s in samples))   # drop partial problems
+        done = {s["problem_id"] for s in samples}
+        todo = [r for r in mine if r["id"] not in done]
         if todo and generator is None:
             generator = (HFBackend if args.backend == "hf" else VLLMBackend)(args)
-        bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=name, disable=not progress)
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=name, disable=not progress)
         with path.open("a") as f:
             for i in range(0, len(todo), args.batch_problems):
                 chunk = todo[i:i + args.batch_problems]
-                results = generator(name, chunk, args.n)
-                for r, res in zip(chunk, results):
+                for r, res in zip(chunk, generator(name, chunk, args.n)):
                     for j, (text, truncated) in enumerate(res):
-                        extracted = scope.extract_boxed(text)
-                        rec = {"problem_id": r["id"], "sample": j, "response": text, "extracted": extracted,
+                        rec = {"problem_id": r["id"], "sample": j, "response": text, "extracted": scope.extract_boxed(text),
                                "correct": bool(scope.reward(text, r["answer"], truncated)), "truncated": truncated}
                         f.write(json.dumps(rec) + "\n")
                 f.flush()
                 bar.update(len(chunk))
         bar.close()
-        samples = read_samples(path)
+    if rank != 0:
+        return None
+    per_benchmark = {}
+    for name, rows in data.items():
+        if world > 1:                                                # wait for every shard, then merge
+            wait_for(lambda: all(len({s["problem_id"] for s in complete_samples(shard_path(name, r), args.n)})
+                                 == len(rows[r::world]) for r in range(world)), f"the other ranks' {name} shards")
+            merged = [s for r in range(world) for s in complete_samples(shard_path(name, r), args.n)]
+            (out / f"{name}.samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in merged))
+        samples = read_samples(out / f"{name}.samples.jsonl")
         order = {r["id"]: i for i, r in enumerate(rows)}
         samples.sort(key=lambda s: (order[s["problem_id"]], s["sample"]))
         per_benchmark[name] = metrics.summarize(samples, args.n)
     results = {"benchmarks": per_benchmark, "macro_average": metrics.macro_average(per_benchmark),
                "config": dataclasses.asdict(args), "model": model_identity(args.model),
-               "versions": versions(), "seed": args.seed}
+               "versions": versions(), "seed": args.seed, "ranks": world}
     (out / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     return results
+
+
+def complete_samples(path, n):
+    """The samples of the problems that have all n of them in the file."""
+    samples = read_samples(path)
+    count = {}
+    for s in samples:
+        count[s["problem_id"]] = count.get(s["problem_id"], 0) + 1
+    return [s for s in samples if count[s["problem_id"]] == n]
+
+
+def wait_for(predicate, what, poll_s=2.0):
+    import time
+    t0, said = time.time(), 0.0
+    while not predicate():
+        if time.time() - said > 60:
+            print(f"waiting for {what} ({time.time() - t0:.0f}s)", flush=True)
+            said = time.time()
+        time.sleep(poll_s)
 
 
 def model_identity(name):

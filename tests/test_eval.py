@@ -155,6 +155,19 @@ def test_killed_evaluation_resumes_to_the_same_results(tmp_path):
     assert again["benchmarks"] == whole["benchmarks"] and 0 < whole["benchmarks"]["tiny"]["avg@4"] < 1
 
 
+def test_ranks_evaluate_shards_and_rank0_merges_to_the_one_process_results(tmp_path):
+    """Under torchrun each rank samples its own shard of the problems into its own file; rank 0 waits on the files
+    (no collective) and merges. The merged results equal a one-process evaluation."""
+    base = dict(model="stand-in", preset="tiny", benchmarks="tiny-add3,tiny-frac", n=4, limit=20, batch_problems=3)
+    one = evaluate(EvalArgs(**base, out_dir=str(tmp_path / "one")), StandIn(), progress=False)
+    sharded = EvalArgs(**base, out_dir=str(tmp_path / "three"))
+    assert evaluate(sharded, StandIn(), progress=False, rank=2, world=3) is None    # non-zero ranks return None
+    assert evaluate(sharded, StandIn(), progress=False, rank=1, world=3) is None
+    merged = evaluate(sharded, StandIn(), progress=False, rank=0, world=3)
+    assert merged["benchmarks"] == one["benchmarks"] and merged["ranks"] == 3
+    assert len((tmp_path / "three" / "tiny-add3.samples.rank1of3.jsonl").read_text().splitlines()) == 7 * 4
+
+
 # ---------------------------------------------------------------------------- end to end, a real tiny model
 def test_end_to_end_tiny_model(micro_models, tmp_path, capsys):
     student, _ = micro_models

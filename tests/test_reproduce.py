@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import reproduce
 from conftest import ROOT
 
@@ -49,3 +51,29 @@ def test_smoke_run_under_torchrun(micro_models, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     md = (tmp_path / "RESULTS.md").read_text()
     assert "+ SCOPE" in md and "torchrun --nproc_per_node=2" in md
+
+
+def test_paper_preset_trains_with_the_papers_config(tmp_path):
+    """reproduce.py --preset paper resolves scope.PRESETS["paper"] plus its own overrides for every method."""
+    from eval import benchmarks
+    a = reproduce.RArgs(preset="paper", seeds="0")
+    train_over, ev, names = reproduce.preset_settings(a)
+    for run in ("scope", "opd", "grpo", "kd"):
+        t = reproduce.train_args(a, run, 0, tmp_path, train_over)
+        assert (t.student, t.teacher) == ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Skywork/Skywork-OR1-7B")
+        assert t.method == run and t.data == "zwhe99/DeepMath-103K" and t.lr == 5e-5 and t.weight_decay == 0.01
+        assert (t.prompts_per_step, t.n_rollouts, t.temperature, t.max_new_tokens) == (256, 8, 0.6, 12288)
+        assert t.dtype == "bfloat16" and t.gradient_checkpointing and t.resume
+    assert ev["preset"] == "paper" and names == benchmarks.PAPER_BENCHMARKS
+    tiny = reproduce.train_args(reproduce.RArgs(), "scope", 0, tmp_path, reproduce.preset_settings(reproduce.RArgs())[0])
+    assert tiny.student == "" and tiny.lr == 3e-4 and tiny.dtype == "float32"          # the default is tiny
+
+
+def test_a_gpu_does_not_start_the_paper_preset_silently(micro_models, tmp_path, monkeypatch, capsys):
+    """Without --preset, reproduce.py runs the tiny preset even where CUDA is available, and says so."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    argv = [a for a in smoke_argv(micro_models, tmp_path) if a not in ("--preset", "tiny")]
+    with pytest.raises(SystemExit, match="no evaluation results"):                    # report-only on an empty dir
+        reproduce.main([*argv, "--report-only"])
+    assert "running the TINY preset" in capsys.readouterr().out

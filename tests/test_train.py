@@ -1,6 +1,7 @@
 """The embedded default and the training loop: tiny task/tokenizer/models, generation, every method end to end,
 torchrun equivalence, and exact resume after SIGKILL. Uses small models built by the code itself."""
 
+import dataclasses
 import json
 import math
 import os
@@ -254,3 +255,97 @@ def test_resume_after_sigkill_matches_uninterrupted_run(micro_models, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------- token budgets, collectives
+@pytest.mark.parametrize("method", ["scope", "opd", "grpo"])
+def test_token_budget_split_inside_groups_leaves_the_gradient_unchanged(micro_models, method):
+    """The loop's update phase with the whole batch in one micro-batch and with micro-batches so small that they cut
+    prompt groups apart give the same gradient and loss: the weights are computed once for the batch and every
+    normaliser is global (batch_counts with group_size)."""
+    import contextlib
+    import types
+    from transformers import AutoModelForCausalLM
+    student_dir, teacher_dir = micro_models
+    args = run_args(micro_models, "unused", method=method, grad_clip=1e9, prompts_per_step=4, n_rollouts=4)
+    rt = types.SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), fsdp=False, amp=contextlib.nullcontext)
+    tok = scope.load_model(student_dir, "student")
+    teacher = scope.load_model(teacher_dir, "teacher", "float32")
+    rows = tiny_testbed.tiny_task("train", 64, seed=0)
+    idx, my = scope.step_prompts(0, len(rows), 4, 0), [0, 1, 2, 3]
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    batch = scope.sample_rollouts(args, rt, 0, student, teacher, tok, rows, idx, my, {})
+    batch["rewards"] = scope.verify_rollouts(tok, batch, [rows[idx[j]]["answer"] for j in my], 4, rt.device)
+    batch["groups"] = torch.tensor(my).repeat_interleave(4)
+    assert 0 < batch["rewards"].sum() < 16                           # both paths have rollouts
+    lp_t = scope.score_logprobs(teacher, batch, batch["groups"], 100000)
+    small = scope.score_logprobs(teacher, batch, batch["groups"], 60)   # teacher micro-batches cut groups too
+    assert ((lp_t - small).abs() * batch["response_mask"]).max() < 1e-5
+    grads, losses = [], []
+    for budget in (100000, 150):
+        model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+        noop = types.SimpleNamespace(zero_grad=lambda set_to_none: None, step=lambda: None)
+        rec = scope.update_student(dataclasses.replace(args, micro_batch_tokens=budget), rt, model, noop, batch,
+                                   lp_t, lp_t if method == "grpo" else None)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        losses.append(rec["loss"])
+    cut = scope.micro_batches(batch, 150)
+    assert len(cut) > 4 and any(p.start % 4 or p.stop % 4 for p in cut)          # groups of 4 rows are cut
+    assert math.isclose(losses[0], losses[1], rel_tol=1e-5, abs_tol=1e-6)
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-5 * (1 + a.abs().max())
+
+
+def test_micro_batches_respect_the_budget_and_a_requested_count():
+    lengths = torch.tensor([5, 9, 3, 30, 4, 4, 4, 4])
+    batch = {"prompt_mask": torch.ones(8, 2), "response_mask": (torch.arange(30)[None] < lengths[:, None]).long()}
+    parts = scope.micro_batches(batch, 40)
+    assert [p.start for p in parts][0] == 0 and parts[-1].stop == 8
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))               # consecutive, covering
+    for p in parts:
+        rows = p.stop - p.start
+        longest = int((lengths[p] + 2).max())
+        assert rows * longest <= 40 or rows == 1                                  # a row over budget goes alone
+    more = scope.micro_batches(batch, 40, count=len(parts) + 2)
+    assert len(more) == len(parts) + 2 and more[-1].stop == 8
+    with pytest.raises(ValueError, match="micro-batches"):
+        scope.micro_batches(batch, 40, count=9)
+
+
+def test_every_collective_goes_through_the_device_helper():
+    """Contract: in scope.py and reproduce.py, every torch.distributed collective on data is inside all_reduce (and
+    barrier, which takes no tensor). This proves the routing; that the helper puts its tensor on the loop's device is
+    the next test. Neither proves NCCL itself runs: no GPU here."""
+    import ast
+    collectives = {"all_reduce", "broadcast", "all_gather", "all_gather_object", "reduce_scatter", "gather",
+                   "scatter", "reduce", "broadcast_object_list", "all_to_all", "send", "recv"}
+    for path in (ROOT / "scope.py", ROOT / "reproduce.py"):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in collectives and isinstance(node.func.value, ast.Name)
+                        and node.func.value.id == "dist"):
+                    assert path.name == "scope.py" and fn.name == "all_reduce", f"{path.name}:{node.lineno} {fn.name}"
+
+
+def test_all_reduce_helper_puts_the_tensor_on_the_loop_device(monkeypatch):
+    """With a fake 2-rank process group, the helper hands dist.all_reduce a tensor on the device it was given
+    (meta stands for cuda here), never a CPU tensor; sum and max are the ops asked for."""
+    import torch.distributed as dist
+
+    class Seen(Exception):
+        pass
+
+    def fake_all_reduce(t, op=None):
+        raise Seen(t.device, op)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    for op, want in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX)):
+        with pytest.raises(Seen) as e:
+            scope.all_reduce([1.0, 2.0], torch.device("meta"), op)
+        assert e.value.args == (torch.device("meta"), want)
