@@ -91,9 +91,11 @@ class _FusedLogprobs(torch.autograd.Function):
         logp = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)  # (N,)
         lse = torch.empty_like(logp)                               # (N,)
         for i in range(0, hidden.shape[0], chunk):
-            x = (hidden[i:i + chunk] @ w.T).to(acc) / temperature  # (c, V)
-            lse[i:i + chunk] = torch.logsumexp(x, -1)
-            logp[i:i + chunk] = x.gather(-1, tokens[i:i + chunk, None]).squeeze(-1) - lse[i:i + chunk]
+            x = (hidden[i:i + chunk] / temperature @ w.T).to(acc)  # (c, V): the one block alive, reused in place
+            target = x.gather(-1, tokens[i:i + chunk, None]).squeeze(-1)  # (c,)
+            top = x.amax(-1, keepdim=True)                         # (c, 1)
+            lse[i:i + chunk] = x.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
+            logp[i:i + chunk] = target - lse[i:i + chunk]
         ctx.save_for_backward(hidden, weight, tokens, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return logp
@@ -106,7 +108,7 @@ class _FusedLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         for i in range(0, hidden.shape[0], ctx.chunk):
             h, g = hidden[i:i + ctx.chunk], grad_logp[i:i + ctx.chunk, None].to(acc) / t   # (c, H), (c, 1)
-            d = torch.exp((h @ w.T).to(acc) / t - lse[i:i + ctx.chunk, None]).mul_(-g)       # (c, V) -softmax * g
+            d = (h / t @ w.T).to(acc).sub_(lse[i:i + ctx.chunk, None]).exp_().mul_(-g)    # (c, V) -softmax * g
             d.scatter_add_(-1, tokens[i:i + ctx.chunk, None], g)                               # + onehot(token) * g
             if grad_h is not None:
                 grad_h[i:i + ctx.chunk] = d.to(w.dtype) @ w                                    # (c, H)
@@ -1114,10 +1116,10 @@ class Args:
     """prompts per step over all ranks (the global batch; a multiple of the number of ranks)"""
     n_rollouts: int = 8
     """rollouts per prompt (N)"""
-    micro_batch_tokens: int = 2048
+    micro_batch_tokens: int = 1024
     """token budget of one student forward/backward: rows x (prompt + response), padded (gradient accumulation)"""
-    score_tokens: int = 8192
-    """token budget of one teacher / reference forward (no grad)"""
+    score_tokens: int = 1024
+    """token budget of one teacher / reference forward (no grad); tiny: small budgets waste less padding on a CPU"""
     rollout_tokens: int = 0
     """KV-cache budget of one generate call: rows x (prompt + max_new_tokens) (0: all of a rank's prompts at once)"""
     max_new_tokens: int = 64
@@ -1174,10 +1176,6 @@ class Args:
     compute via FSDP2 mixed precision, or autocast in one process); teacher and reference are stored in this dtype"""
     gradient_checkpointing: bool = False
     """recompute activations in the student's backward pass (long responses on GPUs)"""
-    tiny_teacher_steps: int = 0
-    """SFT steps of the tiny teacher (0: the testbed's default)"""
-    tiny_student_steps: int = 0
-    """SFT steps of the tiny student (0: the testbed's default)"""
 
 
 PRESETS = {
@@ -1299,18 +1297,18 @@ def load_problems(data):
 
 
 def embedded_default(args, log):
-    """The tiny testbed (a harness module, imported only here): its models and task fill whatever the user did not
-    name. Returns (student, teacher, train rows or None, test rows for periodic evaluation)."""
+    """The tiny testbed (a harness module, imported only here) fills whatever the user did not name: its models, its
+    task, and periodic evaluation on its test split. -> (student, teacher, train rows or None, evaluate or None)."""
     import tiny_testbed as tb
     student, teacher = args.student, args.teacher
     if not student or not teacher:
-        t_spec = dataclasses.replace(tb.TINY_TEACHER, sft_steps=args.tiny_teacher_steps or tb.TINY_TEACHER.sft_steps)
-        s_spec = dataclasses.replace(tb.TINY_STUDENT, sft_steps=args.tiny_student_steps or tb.TINY_STUDENT.sft_steps)
-        dirs = tb.build_tiny_models(args.cache_dir, t_spec, s_spec, seed=0, log=log, threads=args.threads)
+        dirs = tb.build_tiny_models(args.cache_dir, log=log, threads=args.threads)
         student, teacher = student or str(dirs[0]), teacher or str(dirs[1])
     if args.data:
-        return student, teacher, None, []
-    return student, teacher, tb.tiny_task("train", 20000, args.seed), tb.tiny_task("test", args.eval_problems, args.seed)
+        return student, teacher, None, None
+    test = tb.tiny_task("test", args.eval_problems, args.seed)
+    return student, teacher, tb.tiny_task("train", 20000, args.seed), lambda model, tokenizer, rt: tb.evaluate(
+        model, tokenizer, test, args.eval_k, args, (args.seed, "eval"), rt)
 
 
 def step_prompts(step, n_rows, per_step, seed):
@@ -1472,7 +1470,8 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
         logs.append(m)
         pm = part["response_mask"]
         nll += float(-(logp.detach() * pm).sum())                     # the student's NLL of its own tokens
-        gap.append(float(((part["logp_sampler"] - logp.detach()).abs() * pm).sum()))
+        if args.method != "kd":                                       # KD's sampler is the teacher
+            gap.append(float(((part["logp_sampler"] - logp.detach()).abs() * pm).sum()))
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
     opt.step()
     student.eval()
@@ -1481,36 +1480,7 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
     record.update(zip(losses, all_reduce(losses.values(), rt.device)))  # ... and so do ranks (global normalisers)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP2: a DTensor
     return {**record, "loss": sum(record[k] for k in losses), "train/grad_norm": float(grad_norm), "_nll": nll,
-            "_gap": sum(gap)}
-
-
-def evaluate(model, tokenizer, rows, k, args, seed_key, rt=None):
-    """Avg@k and unbiased Pass@k per level (rows' "level" field) and overall, sampling like training. Under torchrun
-    every rank samples a shard of the problems (the same number of generate calls each) and the counts are summed."""
-    rank, world, device = (rt.rank, rt.world, rt.device) if rt else (0, 1, "cpu")
-    mine = list(range(rank, len(rows), world))
-    calls = int(all_reduce([math.ceil(len(mine) / 16)], device, "max")[0])
-    levels = sorted({r.get("level", "all") for r in rows})
-    correct = {lv: [0.0] * (k + 1) for lv in levels}                 # per level: problems with c correct, c = 0..k
-    for part in split_evenly(mine, max(calls, 1)):
-        prompts = [prompt_text(tokenizer, rows[i]["problem"], args.instruction) for i in part]
-        seeds = row_seeds(seed_key, [i * k + j for i in part for j in range(k)]) if args.seeded_sampling else None
-        with (rt.amp() if rt else contextlib.nullcontext()):
-            b = generate(model, tokenizer, prompts, k, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                         seeds, synced=bool(rt and rt.fsdp))
-        texts = tokenizer.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
-        for q, i in enumerate(part):
-            c = sum(reward(texts[q * k + j], rows[i]["answer"], bool(b["truncated"][q * k + j])) for j in range(k))
-            correct[rows[i].get("level", "all")][int(c)] += 1
-    flat = all_reduce([x for lv in levels for x in correct[lv]], device)
-    hist = {lv: flat[i * (k + 1):(i + 1) * (k + 1)] for i, lv in enumerate(levels)}
-    hist["all"] = [sum(h[c] for h in hist.values()) for c in range(k + 1)] if "all" not in hist else hist["all"]
-    out = {}
-    for lv, h in sorted(hist.items(), key=lambda x: x[0] == "all"):
-        total = max(sum(h), 1.0)
-        out[f"eval/{lv}/avg@{k}"] = sum(c * h[c] for c in range(k + 1)) / (k * total)
-        out[f"eval/{lv}/pass@{k}"] = sum(pass_at_k(k, c, k) * h[c] for c in range(k + 1)) / total
-    return out
+            "_gap": sum(gap) if args.method != "kd" else math.nan}
 
 
 def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
@@ -1577,13 +1547,19 @@ def train(args):
     hf_logging.set_verbosity_error()
     rt = setup(args)
     say = print if rt.rank == 0 else (lambda *a, **k: None)
-    student_name, teacher_name, rows, test_rows = args.student, args.teacher, None, []
+    student_name, teacher_name, rows, evaluate = args.student, args.teacher, None, None
     if not (args.student and args.teacher and args.data):             # the embedded default fills the gaps
-        student_name, teacher_name, rows, test_rows = embedded_default(args, say)
+        student_name, teacher_name, rows, evaluate = embedded_default(args, say)
     rows = rows or load_problems(args.data)
-    if args.eval_every and not test_rows:
+    if args.eval_every and not evaluate:
         say("eval_every: periodic evaluation runs on the tiny task only; evaluate checkpoints with `python -m eval`")
-    say(memory_plan(args, student_name, teacher_name, rt.world))
+    if rt.rank == 0:
+        from transformers import AutoConfig
+        try:
+            say(memory_plan(args, AutoConfig.from_pretrained(student_name), AutoConfig.from_pretrained(teacher_name),
+                            rt.world)[0])
+        except OSError:
+            pass                                                      # load_models says what is missing
     out = Path(args.out_dir)
     ckpt = latest_checkpoint(out) if args.resume else None
     tokenizer, student, teacher, ref, opt = load_models(args, rt, student_name, teacher_name, ckpt)
@@ -1611,8 +1587,8 @@ def train(args):
         record = update_student(args, rt, student, opt, batch, logp_teacher, logp_ref)
         t["end"] = time.time()
         record = log_step(step, record, batch, t, rt.device)          # 5. log, evaluate, checkpoint
-        if args.eval_every and test_rows and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            record.update(evaluate(student, tokenizer, test_rows, args.eval_k, args, (args.seed, "eval"), rt))
+        if evaluate and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            record.update(evaluate(student, tokenizer, rt))
         if rt.rank == 0:
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -1631,37 +1607,37 @@ def log_step(step, record, batch, t, device):
                                                     mask.sum(), record.pop("_nll"), record.pop("_gap")], device)
     phases = ["time/generate", "time/verify", "time/score", "time/update", "end"]
     times = {k: t[nxt] - t[k] for k, nxt in zip(phases, phases[1:])}
-    return {"step": step + 1, **record, "train/reward_mean": r_sum / rows, "rollout/truncated_frac": trunc / rows,
-            "rollout/mean_len": tok / rows, "rollout/nll_student": nll / max(tok, 1.0),
-            "rollout/sampler_gap": gap / max(tok, 1.0), "perf/tokens_per_s": tok / max(sum(times.values()), 1e-9), **times}
+    record = {"step": step + 1, **record, "train/reward_mean": r_sum / rows, "rollout/truncated_frac": trunc / rows,
+              "rollout/mean_len": tok / rows, "rollout/nll_student": nll / max(tok, 1.0),
+              "perf/tokens_per_s": tok / max(sum(times.values()), 1e-9), **times}
+    return record if math.isnan(gap) else {**record, "rollout/sampler_gap": gap / max(tok, 1.0)}
 
 
-def memory_plan(args, student_name, teacher_name, world):
-    """Estimated GiB per rank by phase, from the model configs (README: memory plan); printed before step 1."""
-    from transformers import AutoConfig
-    try:
-        s, t = (AutoConfig.from_pretrained(name) for name in (student_name, teacher_name))
-    except OSError:
-        return "memory plan: model configs not reachable"
-    def params(c):                                                    # decoder-only transformer
+def memory_plan(args, s, t, world):
+    """Estimated GiB per rank, from the model configs s (student) and t (teacher): what stays resident plus the
+    largest phase (README: memory plan). -> (table text, peak GiB)."""
+    def params(c):                                                    # decoder-only transformer, biases ignored
         kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
         layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
         return c.num_hidden_layers * layer + c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    def kv_bytes(c):                                                  # bf16 K and V, per token
-        return 2 * 2 * c.num_hidden_layers * c.num_key_value_heads * c.hidden_size // c.num_attention_heads
-    ps, pt, gib, half = params(s), params(t), 2**30, 2 if args.dtype == "bfloat16" else 4
-    layer = (ps - s.vocab_size * s.hidden_size) / s.num_hidden_layers
-    act = args.micro_batch_tokens * s.hidden_size * half * (s.num_hidden_layers if args.gradient_checkpointing else 16 * s.num_hidden_layers)
-    plan = {"student fp32 weights + AdamW state (sharded)": 12 * ps / world,
-            "teacher (replicated)": half * pt * (args.method in ("scope", "opd", "kd")),
-            "rollouts: KV cache + gathered layers": args.rollout_tokens * kv_bytes(s) + 2 * half * layer,
-            "scoring: teacher activations (no grad)": args.score_tokens * (t.hidden_size * 4 + t.intermediate_size) * half,
-            "update: fp32 grads (sharded) + activations + log-prob chunk": 4 * ps / world + act
-            + 3 * 4 * 2**25 + args.micro_batch_tokens * s.hidden_size * 4}
-    fixed = sum(list(plan.values())[:2])
-    peak = fixed + max(list(plan.values())[2:])
-    lines = [f"  {k:62s} {v / gib:7.1f} GiB" for k, v in plan.items()]
-    return "memory plan per rank (estimate):\n" + "\n".join(lines) + f"\n  {'peak = first two + the largest phase':62s} {peak / gib:7.1f} GiB"
+    half, gib = 2 if args.dtype == "bfloat16" else 4, 2**30
+    ps, root = params(s), s.vocab_size * s.hidden_size * (1 if s.tie_word_embeddings else 2)
+    layer = (ps - root) / s.num_hidden_layers
+    kv_bytes = 2 * half * s.num_hidden_layers * s.num_key_value_heads * s.hidden_size // s.num_attention_heads
+    per_token = s.hidden_size * s.num_hidden_layers + (4 * s.hidden_size + 3 * s.intermediate_size) * (
+        1 if args.gradient_checkpointing else s.num_hidden_layers)   # saved layer inputs + one layer's internals
+    resident = {"student fp32 weights + AdamW state, sharded": 12 * ps / world,
+                "teacher (replicated)": half * params(t) * (args.method in ("scope", "opd", "kd")),
+                "GRPO reference (replicated)": half * ps * (args.method == "grpo"),
+                "gathered: embeddings + output layer, 2 decoder layers": half * (root + 2 * layer)}
+    phases = {"rollouts: KV cache (rollout_tokens)": args.rollout_tokens * kv_bytes,
+              "scoring: teacher activations (score_tokens)": args.score_tokens * (4 * t.hidden_size + t.intermediate_size) * half,
+              "update: fp32 grads (sharded) + activations (micro_batch_tokens) + log-prob blocks": 4 * ps / world
+              + args.micro_batch_tokens * per_token * half + 3 * 4 * 2**25 + 4 * root}
+    peak = (sum(resident.values()) + max(phases.values())) / gib
+    rows = [f"  {k:80s} {v / gib:6.1f} GiB" for k, v in {**resident, **phases, "peak: resident + the largest phase":
+                                                           peak * gib}.items()]
+    return f"memory plan per rank, {world} ranks (estimate):\n" + "\n".join(rows), peak
 
 
 def _pad_cat(tensors, key, pad_id):

@@ -11,6 +11,7 @@ that finds a live builder says so and prints the builder's progress while it wai
 debris of a dead builder says so and builds again.
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -141,6 +142,35 @@ def sft(model, tokenizer, rows, spec, seed, desc, progress=lambda step: None):
         progress(step + 1)
     model.eval()
     return model
+
+
+def evaluate(model, tokenizer, rows, k, args, seed_key, rt=None):
+    """Avg@k and unbiased Pass@k per level (rows' "level" field) and overall, sampling like training. Under torchrun
+    every rank samples a shard of the problems (the same number of generate calls each) and the counts are summed."""
+    rank, world, device = (rt.rank, rt.world, rt.device) if rt else (0, 1, "cpu")
+    mine = list(range(rank, len(rows), world))
+    calls = int(scope.all_reduce([math.ceil(len(mine) / 16)], device, "max")[0])
+    levels = sorted({r.get("level", "all") for r in rows})
+    correct = {lv: [0.0] * (k + 1) for lv in levels}                 # per level: problems with c correct, c = 0..k
+    for part in scope.split_evenly(mine, max(calls, 1)):
+        prompts = [scope.prompt_text(tokenizer, rows[i]["problem"], args.instruction) for i in part]
+        seeds = scope.row_seeds(seed_key, [i * k + j for i in part for j in range(k)]) if args.seeded_sampling else None
+        with (rt.amp() if rt else contextlib.nullcontext()):
+            b = scope.generate(model, tokenizer, prompts, k, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                         seeds, synced=bool(rt and rt.fsdp))
+        texts = tokenizer.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
+        for q, i in enumerate(part):
+            c = sum(scope.reward(texts[q * k + j], rows[i]["answer"], bool(b["truncated"][q * k + j])) for j in range(k))
+            correct[rows[i].get("level", "all")][int(c)] += 1
+    flat = scope.all_reduce([x for lv in levels for x in correct[lv]], device)
+    hist = {lv: flat[i * (k + 1):(i + 1) * (k + 1)] for i, lv in enumerate(levels)}
+    hist["all"] = [sum(h[c] for h in hist.values()) for c in range(k + 1)] if "all" not in hist else hist["all"]
+    out = {}
+    for lv, h in sorted(hist.items(), key=lambda x: x[0] == "all"):
+        total = max(sum(h), 1.0)
+        out[f"eval/{lv}/avg@{k}"] = sum(c * h[c] for c in range(k + 1)) / (k * total)
+        out[f"eval/{lv}/pass@{k}"] = sum(scope.pass_at_k(k, c, k) * h[c] for c in range(k + 1)) / total
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""Peak extra memory and time of scope.token_logprobs against the naive log_softmax(...).gather(...).
+"""Peak extra memory and time of scope.token_logprobs (fused: hidden states and output weight in, no (tokens x V)
+logits) against the HF-logits path (logits = h @ W.T as the model's lm_head makes them, then
+log_softmax(logits.float() / T).gather), forward + backward to both the hidden states and the weight.
 
-    python bench/logprobs.py                    # 1 x 8192 tokens, vocabulary 151,936 (Qwen2.5), fp32 and bf16
-    python bench/logprobs.py --tokens 2048      # smaller
+    python bench/logprobs.py                    # hidden 1536, vocabulary 151,936 (Qwen2.5-1.5B), 4096 tokens, fp32
+    python bench/logprobs.py --tokens 1024      # smaller
 
-Each (method, dtype) runs in a fresh subprocess so its memory high-water mark is its own:
-extra memory = peak - memory held once the logits exist (CPU: VmHWM - VmRSS from /proc; CUDA: allocator peak).
+Each method runs in a fresh subprocess so its memory high-water mark is its own: extra memory = peak - memory
+held once the inputs exist (CPU: VmHWM - VmRSS from /proc; CUDA: allocator peak). Both methods must also build the
+(V, H) weight gradient; the table shows the extra memory with and without it.
 """
 import argparse
 import json
@@ -23,17 +26,23 @@ def rss_kib(field):
     raise RuntimeError(field)
 
 
-def one(method, dtype, tokens, vocab, repeats, device):
+def one(method, dtype, tokens, hidden, vocab, device):
     import torch
     import scope
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    logits = torch.randn(1, tokens, vocab, dtype=getattr(torch, dtype), device=device)
-    ids = torch.randint(0, vocab, (1, tokens), device=device)
-    if method == "naive":
-        fn = lambda: torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]).squeeze(-1)  # noqa: E731
+    dt = getattr(torch, dtype)
+    h = (torch.randn(tokens, hidden, device=device) / 8).to(dt).requires_grad_(True)   # (N, H)
+    w = (torch.randn(vocab, hidden, device=device) / 8).to(dt).requires_grad_(True)    # (V, H)
+    ids = torch.randint(0, vocab, (tokens,), device=device)
+    g = torch.randn(tokens, device=device)                                              # upstream d loss / d logp
+    if method == "hf-logits":
+        def fn():
+            logits = h @ w.T                                                            # (N, V), as lm_head
+            return torch.log_softmax(logits.float() / 0.6, -1).gather(-1, ids[:, None]).squeeze(-1)
     else:
-        fn = lambda: scope.token_logprobs(logits, ids)  # noqa: E731
+        def fn():
+            return scope.token_logprobs(h[None], w, ids[None], 0.6)[0]
     cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -41,42 +50,40 @@ def one(method, dtype, tokens, vocab, repeats, device):
         base = torch.cuda.memory_allocated()
     else:
         base = rss_kib("VmRSS") * 1024
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            del out
+    t0 = time.perf_counter()
+    (fn() * g).sum().backward()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else rss_kib("VmHWM") * 1024
-    return {"method": method, "dtype": dtype, "extra_mib": (peak - base) / 2**20, "median_s": sorted(times)[len(times) // 2]}
+    grad_w = w.numel() * w.element_size()
+    return {"extra_mib": (peak - base) / 2**20, "extra_wo_grad_w_mib": (peak - base - grad_w) / 2**20, "s": seconds}
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=1536)
     p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        print(json.dumps(one(a.one[0], a.one[1], a.tokens, a.vocab, a.repeats, a.device)))
+        print(json.dumps(one(a.one, a.dtype, a.tokens, a.hidden, a.vocab, a.device)))
         return
-    print(f"logits 1 x {a.tokens} x {a.vocab}, device {a.device}, {a.repeats} repeats (median), 1 torch thread")
-    print("| dtype | method | peak extra memory (MiB) | median time (s) |\n|---|---|---|---|")
-    for dtype in ("float32", "bfloat16"):
-        res = {}
-        for method in ("naive", "chunked"):
-            cmd = [sys.executable, __file__, "--one", method, dtype, "--tokens", str(a.tokens), "--vocab",
-                   str(a.vocab), "--repeats", str(a.repeats), "--device", a.device]
-            res[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            r = res[method]
-            print(f"| {dtype} | {method} | {r['extra_mib']:.0f} | {r['median_s']:.3f} |", flush=True)
-        n, c = res["naive"], res["chunked"]
-        print(f"| {dtype} | chunked / naive | {c['extra_mib'] / n['extra_mib']:.3f} | speed x{n['median_s'] / c['median_s']:.2f} |", flush=True)
+    print(f"{a.tokens} tokens, hidden {a.hidden}, vocabulary {a.vocab}, {a.dtype}, device {a.device}, T 0.6, "
+          f"forward + backward, 1 torch thread, {time.strftime('%c')}")
+    print("| method | peak extra memory (MiB) | without the (V, H) weight gradient (MiB) | time (s) |\n|---|---|---|---|")
+    res = {}
+    for method in ("hf-logits", "fused"):
+        cmd = [sys.executable, __file__, "--one", method] + [f"--{k}={getattr(a, k)}" for k in ("tokens", "hidden",
+                                                                                                "vocab", "dtype", "device")]
+        r = res[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        print(f"| {method} | {r['extra_mib']:.0f} | {r['extra_wo_grad_w_mib']:.0f} | {r['s']:.2f} |", flush=True)
+    f, n = res["fused"], res["hf-logits"]
+    print(f"| fused / hf-logits | {f['extra_mib'] / n['extra_mib']:.3f} | "
+          f"{f['extra_wo_grad_w_mib'] / n['extra_wo_grad_w_mib']:.3f} | speed x{n['s'] / f['s']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def main():
     print("|---" * (len(tiny_testbed.TINY_LEVELS) + 4) + "|")
     for name, d in (("teacher", teacher_dir), ("student", student_dir)):
         model = scope.load_model(str(d), name, "float32")
-        m = scope.evaluate(model, tok, test, 4, args, ("bench", name))
+        m = tiny_testbed.evaluate(model, tok, test, 4, args, ("bench", name))
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"| {name} | {params:.2f}M | " + " | ".join(f"{100 * m[f'eval/{lv}/avg@4']:.1f}" for lv in tiny_testbed.TINY_LEVELS)
               + f" | {100 * m['eval/all/avg@4']:.1f} | {100 * m['eval/all/pass@4']:.1f} |")

@@ -24,14 +24,14 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--method", default="scope")
-    p.add_argument("--micro_batch_prompts", type=int, default=4)
-    p.add_argument("--score_micro_batch", type=int, default=32)
+    p.add_argument("--micro_batch_tokens", type=int, default=scope.Args.micro_batch_tokens)
+    p.add_argument("--score_tokens", type=int, default=scope.Args.score_tokens)
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as out:
         args = scope.Args(method=a.method, out_dir=out, steps=a.warmup + a.steps, prompts_per_step=16, n_rollouts=8,
-                          micro_batch_prompts=a.micro_batch_prompts, score_micro_batch=a.score_micro_batch, max_new_tokens=64, eval_every=0, save_every=0, threads=1,
-                          log_sampler_gap=False)
-        tiny_testbed.build_tiny_models(args.cache_dir)
+                          micro_batch_tokens=a.micro_batch_tokens, score_tokens=a.score_tokens, max_new_tokens=64,
+                          eval_every=0, save_every=0, threads=1)
+        tiny_testbed.build_tiny_models(args.cache_dir)                       # not timed
         t0 = time.time()
         scope.train(args)
         wall = time.time() - t0
@@ -40,7 +40,7 @@ def main():
     med = {k: statistics.median(r[k] for r in recs) for k in phases}
     total = statistics.median(sum(r[k] for k in phases) for r in recs)
     print(f"method {a.method}: 16 prompts x 8 rollouts, max 64 new tokens, student d96/3 layers, teacher d192/4 "
-          f"layers, fp32, 1 torch thread, micro-batches of {a.micro_batch_prompts} prompts (update) and {a.score_micro_batch} rollouts (teacher); median of {len(recs)} steps after {a.warmup} warm-up steps")
+          f"layers, fp32, 1 torch thread, micro-batches of {a.micro_batch_tokens} tokens (update) and {a.score_tokens} tokens (teacher); median of {len(recs)} steps after {a.warmup} warm-up steps")
     print("| phase | seconds per step |\n|---|---|")
     for k in phases:
         print(f"| {k.split('/')[1]} | {med[k]:.3f} |")

@@ -134,8 +134,9 @@ def test_help_comes_from_the_dataclass():
 
 # ---------------------------------------------------------------------------- the loop, every method
 @pytest.mark.parametrize("method", ["scope", "opd", "grpo", "kd"])
-def test_each_method_runs_and_logs_finite_metrics(micro_models, tmp_path, method):
+def test_each_method_runs_and_logs_finite_metrics(micro_models, tmp_path, method, capsys):
     scope.train(run_args(micro_models, tmp_path, method=method, eval_every=2, eval_problems=8, eval_k=2))
+    assert "memory plan per rank, 1 ranks (estimate)" in capsys.readouterr().out      # printed before step 1
     recs = read_metrics(tmp_path)
     assert [r["step"] for r in recs] == [1, 2]
     for r in recs:
@@ -191,26 +192,37 @@ def params_initial(micro_models):
     return load_file(os.path.join(micro_models[0], "model.safetensors"))
 
 
-def test_fsdp2_resume_with_sharded_optimizer_state_is_exact(micro_models, tmp_path):
-    """2 ranks, FSDP2 with bf16 compute over fp32 master weights: 2 steps, then a resumed run to step 4, equal the
-    uninterrupted 4 steps bit for bit (the AdamW state is gathered to rank 0 at save and re-sharded at resume)."""
+def test_fsdp2_sigkill_and_resume_with_sharded_optimizer_state_is_exact(micro_models, tmp_path):
+    """2 ranks, FSDP2 with bf16 compute over fp32 master weights: a run SIGKILLed (every process of it) after a
+    checkpoint and resumed equals the uninterrupted run bit for bit (the AdamW state is gathered to rank 0 at save and
+    re-sharded at resume; every rank's RNG state comes back)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    extra = ["--dtype", "bfloat16", "--steps", "6", "--save_every", "2"]
 
-    def torchrun(out, extra):
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
-                              str(ROOT / "scope.py"), *cli(micro_models, out, ["--dtype", "bfloat16", *extra])],
-                             env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
+    def torchrun(out, more=()):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                str(ROOT / "scope.py"), *cli(micro_models, out, [*extra, *more])]
 
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    torchrun(full, ["--steps", "4", "--save_every", "0"])
-    torchrun(resumed, ["--steps", "2", "--save_every", "0"])
-    torchrun(resumed, ["--steps", "4", "--save_every", "0", "--resume", "true"])
-    a, b = params(full), params(resumed)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    res = subprocess.run(torchrun(full), env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    proc = subprocess.Popen(torchrun(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)                             # torchrun and both ranks
+    proc.wait()
+    step = json.loads(state.read_text())["step"]
+    assert step in (2, 4), "the kill came after a checkpoint and before the end"
+    res = subprocess.run(torchrun(killed, ["--resume", "true"]), env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = params(full), params(killed)
     assert all(v.dtype == torch.float32 for v in a.values())        # master weights saved in fp32
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_bf16_compute_keeps_fp32_master_weights(micro_models):
@@ -349,3 +361,23 @@ def test_all_reduce_helper_puts_the_tensor_on_the_loop_device(monkeypatch):
         with pytest.raises(Seen) as e:
             scope.all_reduce([1.0, 2.0], torch.device("meta"), op)
         assert e.value.args == (torch.device("meta"), want)
+
+
+def test_data_is_a_jsonl_file_or_a_directory_of_them(tmp_path):
+    rows = [{"problem": f"{i}+1=?", "answer": str(i + 1)} for i in range(5)]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (tmp_path / "d" / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:]) + "\n")
+    assert scope.load_problems(str(tmp_path / "d")) == rows
+    assert scope.load_problems(str(tmp_path / "d" / "a.jsonl")) == rows[:2]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no .jsonl file in this directory"):
+        scope.load_problems(str(tmp_path / "empty"))
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(SystemExit, match="expected a .jsonl file or a directory"):
+        scope.load_problems(str(tmp_path / "x.txt"))
+    with pytest.raises(SystemExit, match="no such file"):
+        scope.load_problems(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"problem": "1+1=?"}) + "\n")
+    with pytest.raises(SystemExit, match="bad.jsonl:1: field 'answer'"):
+        scope.load_problems(str(tmp_path / "bad.jsonl"))

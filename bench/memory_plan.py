@@ -1,0 +1,30 @@
+"""scope.memory_plan for the paper preset on 8 x 80 GB and 16 x 40 GB, from the public shapes of the paper's models
+(DeepSeek-R1-Distill-Qwen-1.5B student, Skywork-OR1-7B teacher; ../shared/notes/paper_scale.md). The same function
+prints the plan at the start of every run, from the configs of the models actually loaded.
+
+    python bench/memory_plan.py
+"""
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import Qwen2Config  # noqa: E402
+
+import scope  # noqa: E402
+
+STUDENT = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                      num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=False)
+TEACHER = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                      num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+SETUPS = {"8 x 80 GB (the paper preset's budgets)": (8, 80, {}),
+          "16 x 40 GB": (16, 40, dict(micro_batch_tokens=16384, score_tokens=16384, rollout_tokens=1 << 19))}
+
+if __name__ == "__main__":
+    paper = scope.resolve({"preset": "paper"})
+    for name, (world, gb, over) in SETUPS.items():
+        args = dataclasses.replace(paper, **over)
+        text, peak = scope.memory_plan(args, STUDENT, TEACHER, world)
+        print(f"## {name}: micro_batch_tokens {args.micro_batch_tokens}, score_tokens {args.score_tokens}, "
+              f"rollout_tokens {args.rollout_tokens}\n{text}\n  fits {gb} GB with {gb - peak * 2**30 / 1e9:.0f} GB "
+              f"to spare (allocator, CUDA context, fragmentation)\n" if peak * 2**30 / 1e9 < gb else "  DOES NOT FIT\n")
