@@ -313,12 +313,13 @@ def command_line(argv):
 
 
 def git_commit():
-    """The code's commit, with '+changes' when the working tree differs from it ('' outside git)."""
+    """The code's commit, with '+changes' when the code differs from it (results/ and RESULTS.md, which runs rewrite,
+    do not count; '' outside git)."""
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
-                               text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results",
+                                ":!RESULTS.md"], cwd=here, capture_output=True, text=True).stdout.strip()
     except OSError:
         return ""
     return head + ("+changes" if dirty else "")

@@ -8,15 +8,15 @@ Both weights are a softmax within one prompt's group and one path (eq. 4-5); the
 
     python scope.py                                      # tiny preset: builds its own task and models, CPU, offline
     python scope.py --method opd                         # baselines: opd, grpo, kd
-    torchrun --nproc_per_node=2 scope.py                 # the same run on 2 processes (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node=2 scope.py                 # the same run on 2 processes, FSDP2 (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node=8 scope.py --preset paper  # R1-Distill-Qwen-1.5B + Skywork-OR1-7B on DeepMath
     python scope.py --help
 
 Sections, in the order of the algorithm:
-  1. the math: token log-probs, perplexities, group-softmax weights, SCOPE / OPD / GRPO / KD losses
+  1. the math: fused token log-probs, perplexities, group-softmax weights, SCOPE / OPD / GRPO / KD losses
      (pure tensor functions: paste them into verl or TRL)
   2. verifying answers: \\boxed extraction and a safe, time-bounded sympy-based equivalence check
-  3. rollouts: seeded sampling with transformers generate, student and teacher token log-probs
+  3. rollouts and scoring: sampling with transformers generate, student and teacher token log-probs
   4. the config dataclass (its field docstrings are the --help)
   5. the training loop: one code path for one process and torchrun, one function per phase
 The embedded default (a synthetic task, a character tokenizer, tiny Qwen2 teacher and student built on the spot)
@@ -1526,8 +1526,9 @@ def resume(ckpt, student, opt, rt, out):
     """Restore optimizer (re-sharded over this run's ranks) and RNG state; drop metric lines the checkpoint does not
     cover. The weights were loaded from the checkpoint directory. Returns the start step."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    osd = torch.load(ckpt / "optimizer.pt", weights_only=False)
-    set_optimizer_state_dict(student, opt, osd, options=StateDictOptions(full_state_dict=True))
+    once = rt.world > 1                                               # rank 0 reads the file and broadcasts it
+    osd = torch.load(ckpt / "optimizer.pt", weights_only=False) if rt.rank == 0 or not once else {}
+    set_optimizer_state_dict(student, opt, osd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=once))
     rng = torch.load(ckpt / f"rng_rank{rt.rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
