@@ -1,13 +1,14 @@
 """reproduce.py: train every method, evaluate every trained student, write RESULTS.md and plots.
 
-    python reproduce.py                                 # tiny preset (default without a GPU), seed 0
+    python reproduce.py                                 # tiny preset, seed 0, into a fresh runs/reproduce-<time>/
     python reproduce.py --seeds 0,1,2 --ablations       # + the SCOPE ablations, tau sweep and official recipe
     torchrun --nproc_per_node=2 reproduce.py --smoke    # smallest settings on two processes
     torchrun --nproc_per_node=8 reproduce.py --preset paper --data-dir /data/benchmarks   # a GPU node
+    python reproduce.py --out results --results-md RESULTS.md --report-only              # the committed report
 
-Resumable: finished (run, seed) trainings and evaluations are skipped; a killed training continues from its last
-checkpoint. Everything lands in --out (per run: config.json, metrics.jsonl, checkpoint/, eval/results.json) and
-RESULTS.md is rebuilt from those files alone.
+Every invocation writes to a fresh directory unless --out names one; in a named directory finished (run, seed)
+trainings and evaluations are skipped and a killed training continues from its last checkpoint (resume). Per run:
+config.json, metrics.jsonl, checkpoint/, eval/results.json; the report is rebuilt from those files alone.
 """
 
 import dataclasses
@@ -82,12 +83,13 @@ class RArgs:
     """benchmark JSONL directory for the paper preset (default: $SCOPE_DATA_DIR)"""
     data: str = ""
     """training problems: a .jsonl file or a directory of them (default: the preset's)"""
-    out: str = "results"
-    """output directory"""
-    results_md: str = "RESULTS.md"
-    """the report to (re)write"""
+    out: str = ""
+    """output directory; empty: a fresh runs/reproduce-<date>-<time>/. Pass an existing one to resume what an
+    invocation there left unfinished (the committed runs are --out results)"""
+    results_md: str = ""
+    """the report to write (empty: <out>/RESULTS.md; the committed report: --out results --results-md RESULTS.md)"""
     report_only: bool = False
-    """train and evaluate nothing: rebuild the report from the files under --out"""
+    """train and evaluate nothing: rebuild the report from the files under --out (which it needs)"""
 
 
 def preset_settings(a):
@@ -128,6 +130,17 @@ def runs_of(a):
     return runs
 
 
+def output_paths(a, started):
+    """(output directory, report path). Without --out every invocation gets a fresh directory, so a new user's
+    `python reproduce.py` trains and evaluates instead of finding earlier runs and skipping them."""
+    if a.report_only and not a.out:
+        raise SystemExit("--report-only rebuilds a report from existing runs: name them with --out (the committed "
+                         "ones: --out results --results-md RESULTS.md)")
+    stamp = datetime.datetime.fromtimestamp(started, datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(a.out or f"runs/reproduce-{stamp}")
+    return out, Path(a.results_md or out / "RESULTS.md")
+
+
 def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -153,7 +166,10 @@ def main(argv=None):
     train_over, ev, bench_names = preset_settings(a)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     runs = runs_of(a)
-    out = Path(a.out)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if ddp and torch.cuda.is_available() else "cpu"
+    started = scope.all_reduce([time.time() if master else 0.0], device)[0]   # rank 0's clock names the directory
+    out, a.results_md = output_paths(a, started)
+    say(f"output: {out} (to resume this invocation after a crash: the same command with --out {out})", flush=True)
     if a.preset == "paper" and master:                # fail early and clearly when data cannot be reached
         for name in bench_names:
             benchmarks.load(name, a.data_dir or None)

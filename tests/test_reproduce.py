@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,15 @@ def test_a_gpu_does_not_start_the_paper_preset_silently(micro_models, tmp_path, 
     with pytest.raises(SystemExit, match="no evaluation results"):                    # report-only on an empty dir
         reproduce.main([*argv, "--report-only"])
     assert "running the TINY preset" in capsys.readouterr().out
+
+
+def test_each_invocation_gets_a_fresh_directory_unless_one_is_named():
+    """A new user's `python reproduce.py` trains and evaluates: it never finds earlier runs to skip."""
+    a = reproduce.RArgs()
+    out1, md1 = reproduce.output_paths(a, 1_800_000_000.0)
+    out2, _ = reproduce.output_paths(a, 1_800_000_001.0)
+    assert out1 != out2 and str(out1).startswith("runs/reproduce-") and md1 == out1 / "RESULTS.md"
+    named = reproduce.RArgs(out="results", results_md="RESULTS.md")
+    assert reproduce.output_paths(named, 0.0) == (Path("results"), Path("RESULTS.md"))
+    with pytest.raises(SystemExit, match="--report-only rebuilds a report from existing runs"):
+        reproduce.output_paths(reproduce.RArgs(report_only=True), 0.0)
