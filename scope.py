@@ -1557,8 +1557,11 @@ def train(args):
     if rt.rank == 0:
         from transformers import AutoConfig
         try:
-            say(memory_plan(args, AutoConfig.from_pretrained(student_name), AutoConfig.from_pretrained(teacher_name),
-                            rt.world)[0])
+            plan, peak = memory_plan(args, AutoConfig.from_pretrained(student_name),
+                                     AutoConfig.from_pretrained(teacher_name), rt.world)
+            have = torch.cuda.get_device_properties(rt.device).total_memory / 2**30 if rt.device.type == "cuda" else 0
+            say(plan + (f"\n  this GPU has {have:.0f} GiB: " + ("fits" if peak < 0.9 * have else
+                "LIKELY OUT OF MEMORY: lower rollout_tokens / micro_batch_tokens / score_tokens") if have else ""))
         except OSError:
             pass                                                      # load_models says what is missing
     out = Path(args.out_dir)
