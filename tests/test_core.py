@@ -475,3 +475,19 @@ def test_bad_input_raises_value_error_naming_the_argument():
     mask2[1, 3] = 0
     pad_nan[1, 3] = float("nan")
     assert torch.isfinite(scope.scope_weights(pad_nan, old, mask2, g, r)).all()
+
+
+@given(st.integers(1, 5), st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_batch_counts_with_group_size_add_up_over_any_split(groups, n, seed):
+    """With group_size, the counts of parts that cut groups apart sum to the whole batch's counts (prompts too)."""
+    gen = torch.Generator().manual_seed(seed)
+    b = groups * n
+    mask = (torch.arange(9)[None] < torch.randint(0, 10, (b, 1), generator=gen)).float()   # (B, 9), some empty
+    rewards = torch.randint(0, 2, (b,), generator=gen).float()
+    group_ids = torch.arange(groups).repeat_interleave(n) * 5 + 1
+    cuts = sorted(set(torch.randint(0, b + 1, (3,), generator=gen).tolist()) | {0, b})
+    whole = scope.batch_counts(mask, rewards, group_ids, group_size=n)
+    parts = [scope.batch_counts(mask[a:c], rewards[a:c], group_ids[a:c], group_size=n) for a, c in zip(cuts, cuts[1:])]
+    for k in whole:
+        assert math.isclose(whole[k], sum(p[k] for p in parts), rel_tol=1e-12, abs_tol=1e-12), k
+    assert whole["prompts"] == groups == scope.batch_counts(mask, rewards, group_ids)["prompts"]

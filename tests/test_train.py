@@ -381,3 +381,26 @@ def test_data_is_a_jsonl_file_or_a_directory_of_them(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"problem": "1+1=?"}) + "\n")
     with pytest.raises(SystemExit, match="bad.jsonl:1: field 'answer'"):
         scope.load_problems(str(tmp_path / "bad.jsonl"))
+
+
+def test_rollouts_in_kv_budget_chunks_equal_one_generate_call(micro_models):
+    """rollout_tokens splits a rank's prompts over several generate calls; with seeded sampling every rollout and
+    its sampler log-probs are the ones a single call draws."""
+    import contextlib
+    import types
+    student_dir, _ = micro_models
+    rt = types.SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), fsdp=False, amp=contextlib.nullcontext)
+    tok = scope.load_model(student_dir, "student")
+    model = scope.load_model(student_dir, "student", "float32")
+    rows = tiny_testbed.tiny_task("train", 64, seed=0)
+    idx, my = scope.step_prompts(0, len(rows), 6, 0), list(range(6))
+    out = {}
+    for budget in (0, 250):                                          # 250 tokens: one prompt (x4 rollouts) per call
+        args = run_args(micro_models, "unused", prompts_per_step=6, rollout_tokens=budget)
+        out[budget] = scope.sample_rollouts(args, rt, 0, model, None, tok, rows, idx, my, {})
+    one, chunked = out[0], out[250]
+    for k in ("response_ids", "response_mask", "truncated"):
+        w = one[k].shape[1] if one[k].dim() > 1 else None
+        assert torch.equal(one[k], chunked[k][:, :w] if w else chunked[k]), k
+    m = one["response_mask"].bool()
+    assert torch.allclose(one["logp_sampler"][m], chunked["logp_sampler"][:, :m.shape[1]][m], atol=1e-5)
