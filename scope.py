@@ -1457,8 +1457,10 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
     student.train()
     opt.zero_grad(set_to_none=True)
     logs, gap, nll, shared = [], [], 0.0, n > 1 and not args.gradient_checkpointing   # (no GC + KV cache)
-    for sl in parts:
+    for j, sl in enumerate(parts):
         part = trim({k: v[sl] for k, v in batch.items()})
+        if rt.fsdp:                                                   # reduce-scatter gradients once, after the last
+            student.set_requires_gradient_sync(j == len(parts) - 1)
         with rt.amp():
             logp = (shared_prompt_logprobs(student, part, part["groups"], lp_temp) if shared  # (b, t) s_it
                     else sequence_logprobs(student, part, lp_temp))
