@@ -22,3 +22,29 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     for r in report["b_paper_shaped"].values():
         assert set(r["phases"]) == {"generate", "score", "update"} and r["response_tokens"] > 0
     assert report["c_vllm"]["importable"] is False and "| (c) vllm |" in res.stdout
+
+
+def test_vllm_api_check_lists_every_vllm_name_the_eval_backend_uses():
+    """bench/vllm_api_check.py checks USES against vLLM's source (README); this keeps USES in step with the code:
+    every keyword passed to LLM(...) / SamplingParams(...), every method called on the engine and every attribute
+    read from its outputs in eval/run.py's VLLMBackend is in USES. (The check against vLLM itself is the script.)"""
+    import ast
+    sys.path.insert(0, str(ROOT / "bench"))
+    import vllm_api_check
+    declared = {(cls, member): set(names) for _, cls, member, names in vllm_api_check.USES}
+    tree = ast.parse((ROOT / "eval" / "run.py").read_text())
+    backend = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "VLLMBackend")
+    seen = {"LLM": set(), "SamplingParams": set(), "engine": set(), "attrs": set()}
+    for node in ast.walk(backend):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name in ("LLM", "SamplingParams"):
+                seen[name] |= {k.arg for k in node.keywords}
+            if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "attr", None) == "llm":
+                seen["engine"].add(node.func.attr)
+        if isinstance(node, ast.Attribute) and node.attr in ("outputs", "text", "finish_reason", "token_ids"):
+            seen["attrs"].add(node.attr)
+    assert seen["LLM"] and seen["LLM"] <= declared[("LLM", "__init__")]
+    assert seen["SamplingParams"] and seen["SamplingParams"] <= declared[("SamplingParams", "fields")]
+    assert seen["engine"] and seen["engine"] <= {m for (c, m) in declared if c == "LLM"}
+    assert seen["attrs"] <= declared[("RequestOutput", "attributes")] | declared[("CompletionOutput", "attributes")]
