@@ -20,6 +20,8 @@ VERSION = "0.33.0"
 USES = [
     ("vllm/__init__.py", None, "exports", ["LLM", "SamplingParams"]),
     ("vllm/entrypoints/llm.py", "LLM", "__init__", ["model", "dtype", "seed"]),
+    ("vllm/engine/arg_utils.py", "EngineArgs", "fields", ["max_model_len"]),      # LLM(**kwargs) -> EngineArgs
+    ("vllm/inputs/llm.py", "TokensPrompt", "fields", ["prompt_token_ids"]),
     ("vllm/entrypoints/llm.py", "LLM", "generate", ["prompts", "sampling_params"]),
     ("vllm/entrypoints/llm.py", "LLM", "get_tokenizer", []),
     ("vllm/sampling_params.py", "SamplingParams", "fields", ["n", "temperature", "top_p", "top_k", "max_tokens", "seed"]),

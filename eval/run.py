@@ -46,7 +46,7 @@ class EvalArgs:
     limit: int = 0
     """only the first N problems of each benchmark (0: all)"""
     batch_problems: int = 8
-    """problems per generation call (hf backend)"""
+    """problems per generation call (hf backend; vllm takes a whole benchmark per call)"""
     out_dir: str = "results/eval"
     """where <benchmark>.samples.jsonl and results.json go; a re-run skips finished problems"""
     seed: int = 0
@@ -97,26 +97,35 @@ class HFBackend:
 
 
 class VLLMBackend:
-    """vLLM's LLM.generate with SamplingParams(n, seed) per problem (GPU only; imported only here)."""
+    """vLLM's LLM.generate with SamplingParams(n, seed) per problem (GPU only; imported only here; calls checked against
+    vllm 0.33.0's source by bench/vllm_api_check.py). Prompts go in as token ids, tokenized as the HF backend does
+    (chat template, no special tokens added): given a string, vLLM would add special tokens, and a tokenizer with
+    add_bos_token (R1-Distill's) would get a second BOS. max_model_len = the longest prompt + max_tokens."""
 
-    def __init__(self, args):
+    def __init__(self, args, rows):
         try:
             from vllm import LLM, SamplingParams
         except ImportError:
-            raise SystemExit("the vllm backend needs vllm on a CUDA machine (pip install vllm); use --backend hf "
-                             "otherwise") from None
+            raise SystemExit("the vllm backend needs vllm on a CUDA machine (pip install -r requirements-gpu.txt); use "
+                             "--backend hf otherwise") from None
+        hf_tokenizer = scope.load_model(args.model, "model")
+        longest = max(len(prompt_ids(hf_tokenizer, r, args.instruction)) for r in rows)   # every prompt it will see
         self.args, self.SamplingParams = args, SamplingParams
-        self.llm = LLM(model=args.model, dtype=args.dtype, seed=args.seed)
+        self.llm = LLM(model=args.model, dtype=args.dtype, seed=args.seed, max_model_len=longest + args.max_tokens)
         self.tokenizer = self.llm.get_tokenizer()
 
     def __call__(self, bench, rows, n):
         a = self.args
-        prompts = [scope.prompt_text(self.tokenizer, r["problem"], a.instruction) for r in rows]
+        prompts = [{"prompt_token_ids": prompt_ids(self.tokenizer, r, a.instruction)} for r in rows]  # TokensPrompt
         params = [self.SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or -1,
                                       max_tokens=a.max_tokens, seed=sample_seed(a.seed, bench, r["id"], 0) % 2**31)
                   for r in rows]
         outs = self.llm.generate(prompts, params)
         return [[(c.text, c.finish_reason == "length") for c in o.outputs] for o in outs]
+
+
+def prompt_ids(tokenizer, row, instruction):
+    return tokenizer(scope.prompt_text(tokenizer, row["problem"], instruction), add_special_tokens=False)["input_ids"]
 
 
 def _cuda():
@@ -159,12 +168,15 @@ def evaluate(args, generator=None, progress=True, rank=0, world=1):
         path.write_text("".join(json.dumps(s) + "\n" for s in samples))   # drop partial problems
         done = {s["problem_id"] for s in samples}
         todo = [r for r in mine if r["id"] not in done]
-        if todo and generator is None:
-            generator = (HFBackend if args.backend == "hf" else VLLMBackend)(args)
+        if todo and generator is None and args.backend == "hf":
+            generator = HFBackend(args)
+        elif todo and generator is None:
+            generator = VLLMBackend(args, [r for rs in data.values() for r in rs])
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=name, disable=not progress)
         with path.open("a") as f:
-            for i in range(0, len(todo), args.batch_problems):
-                chunk = todo[i:i + args.batch_problems]
+            step = args.batch_problems if args.backend == "hf" else max(len(todo), 1)   # vllm: a benchmark per call
+            for i in range(0, len(todo), step):
+                chunk = todo[i:i + step]
                 for r, res in zip(chunk, generator(name, chunk, args.n)):
                     for j, (text, truncated) in enumerate(res):
                         rec = {"problem_id": r["id"], "sample": j, "response": text, "extracted": scope.extract_boxed(text),

@@ -44,7 +44,9 @@ def test_vllm_api_check_lists_every_vllm_name_the_eval_backend_uses():
                 seen["engine"].add(node.func.attr)
         if isinstance(node, ast.Attribute) and node.attr in ("outputs", "text", "finish_reason", "token_ids"):
             seen["attrs"].add(node.attr)
-    assert seen["LLM"] and seen["LLM"] <= declared[("LLM", "__init__")]
+    keys = {k.value for n in ast.walk(backend) if isinstance(n, ast.Dict) for k in n.keys if isinstance(k, ast.Constant)}
+    assert keys <= declared[("TokensPrompt", "fields")]                # prompts as token ids
+    assert seen["LLM"] and seen["LLM"] <= declared[("LLM", "__init__")] | declared[("EngineArgs", "fields")]
     assert seen["SamplingParams"] and seen["SamplingParams"] <= declared[("SamplingParams", "fields")]
     assert seen["engine"] and seen["engine"] <= {m for (c, m) in declared if c == "LLM"}
     assert seen["attrs"] <= declared[("RequestOutput", "attributes")] | declared[("CompletionOutput", "attributes")]
