@@ -20,7 +20,6 @@ torch.set_num_threads(1)  # 2 torch threads under any other load slow 10-40x on 
 # The benchmark copies laid beside the repository (never copied into it).
 SHARED_BENCHMARKS = Path(os.environ.get("SCOPE_SHARED_BENCHMARKS", ROOT.parent / "shared" / "benchmarks"))
 
-import scope  # noqa: E402
 import tiny_testbed  # noqa: E402
 
 # Small enough for CI; built by tiny_testbed.build_tiny_models exactly like the default models, just smaller.

@@ -40,7 +40,6 @@ def test_killed_build_is_taken_over_and_nothing_half_built_is_used(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
     a = subprocess.Popen([sys.executable, str(script)], stdout=log_a.open("w"), stderr=subprocess.STDOUT, env=env)
-    status = []
     _wait_for(lambda: bool(status := list(cache.glob("tiny-*.status"))) and "SFT step" in status[0].read_text(),
               "the builder's progress")
     b = subprocess.Popen([sys.executable, str(script)], stdout=log_b.open("w"), stderr=subprocess.STDOUT, env=env)
