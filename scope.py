@@ -984,6 +984,88 @@ def generate(model, tokenizer, prompts, n, max_new_tokens, temperature=1.0, top_
                 logp_sampler=logp_sampler)
 
 
+class VLLMRollouts:
+    """Colocated vLLM rollouts (--rollout_engine vllm; GPU only). Calls written against vllm 0.33.0 and checked in its
+    source by bench/vllm_api_check.py. One engine per rank, tensor parallel 1, living in the torchrun process
+    (distributed_executor_backend="external_launcher"); sleep mode lets it share the GPU with the trainer: it sleeps
+    at level 1 (weights offloaded to CPU, KV cache freed; level 2 would discard the weights) while the student
+    trains, and before every generation it takes the student's current weights in bf16, one gathered tensor at a
+    time (never the whole model at once), and resets its prefix cache. Prompts go in as token ids (a string would be
+    tokenized with special tokens: a second BOS). The engine's log-probs feed rollout/sampler_gap, the alarm for
+    stale weights (README: vLLM rollouts)."""
+
+    def __init__(self, args, model_name, rank):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise SystemExit("--rollout_engine vllm needs vllm on a CUDA machine (pip install -r requirements-gpu.txt); "
+                             "--rollout_engine hf generates with transformers") from None
+        import socket
+        with socket.socket() as sock:                                 # one process: the variables torchrun would set,
+            sock.bind(("127.0.0.1", 0))                               # only while the engine is built (a later run in
+            port = str(sock.getsockname()[1])                         # this process must still see one process)
+        added = {k: v for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port).items() if k not in os.environ}
+        os.environ.update(added)
+        self.args, self.SamplingParams = args, SamplingParams
+        # raw log-probs: the model's T=1 distribution; processed: after temperature (and top-k/p) = the sampler's
+        mode = "raw_logprobs" if args.logprob_temperature == "one" else "processed_logprobs"
+        try:
+            self.llm = LLM(model=model_name, dtype="bfloat16", seed=args.seed + rank, enable_sleep_mode=True,
+                           distributed_executor_backend="external_launcher", gpu_memory_utilization=args.vllm_gpu_memory,
+                           max_model_len=args.max_prompt_tokens + args.max_new_tokens, logprobs_mode=mode)
+        finally:
+            for k in added:
+                os.environ.pop(k)
+        self.llm.sleep(level=1)
+
+    @torch.no_grad()
+    def push_weights(self, student):
+        """The student's weights into the sleeping engine, then wake it (order: weights, load, KV cache)."""
+        tied = {k for k, _ in student.named_parameters(remove_duplicate=False)} - {k for k, _ in student.named_parameters()}
+
+        def weights():                                                # FSDP2: each rank gathers one tensor at a time
+            for name, t in student.state_dict().items():
+                if name not in tied:                                  # vLLM loads a tied output layer with the embedding
+                    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+                    yield name, t.to(torch.bfloat16)
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()                                  # give the trainer's cached blocks back first
+        self.llm.wake_up(tags=["weights"])
+        self.llm.apply_model(lambda model: model.load_weights(weights()))
+        self.llm.wake_up(tags=["kv_cache"])
+        self.llm.reset_prefix_cache()                                 # cached prefixes hold the old weights' KV
+
+    def generate(self, student, tokenizer, prompts, n, seeds, device):
+        """The `generate` contract: rows prompt-major, left-padded prompts, right-padded responses, truncated,
+        logp_sampler. seeds: one per prompt (vLLM draws child j with seed + j), or None."""
+        a = self.args
+        self.push_weights(student)
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        if max(map(len, ids)) > a.max_prompt_tokens:
+            raise ValueError(f"a prompt has {max(map(len, ids))} tokens, over --max_prompt_tokens {a.max_prompt_tokens}")
+        params = [self.SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, logprobs=0,
+                                      max_tokens=a.max_new_tokens, seed=None if seeds is None else seeds[q] % 2**31,
+                                      stop_token_ids=[tokenizer.eos_token_id], detokenize=False)
+                  for q in range(len(ids))]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        self.llm.sleep(level=1)
+        done = [(ids[q], c) for q, o in enumerate(outs) for c in o.outputs]       # B*n completions, prompt-major
+        bad = {c.finish_reason for _, c in done} - {"stop", "length"}
+        if bad:
+            raise RuntimeError(f"vLLM finished rollouts with {bad}")
+        prompt, resp = _pad_cat([torch.tensor(p)[None] for p, _ in done], "prompt_ids", tokenizer.pad_token_id), \
+            _pad_cat([torch.tensor(list(c.token_ids))[None] for _, c in done], "response_ids", tokenizer.pad_token_id)
+        mask = _pad_cat([torch.ones(1, len(c.token_ids), dtype=torch.long) for _, c in done], "response_mask", 0)
+        logp = _pad_cat([torch.tensor([[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]]) for _, c in done],
+                        "logp_sampler", 0)                            # (B*n, T) the sampled tokens' log-probs
+        out = dict(prompt_ids=prompt, prompt_mask=_pad_cat([torch.ones(1, len(p), dtype=torch.long) for p, _ in done],
+                   "prompt_mask", 0), response_ids=resp, response_mask=mask, logp_sampler=logp.float(),
+                   truncated=torch.tensor([c.finish_reason == "length" for _, c in done]))
+        return {k: v.to(device) for k, v in out.items()}
+
+
 class LogprobHead(torch.nn.Module):
     """Stands in for a causal LM's output layer during one forward pass, so the model returns log p(target) per
     position (token_logprobs: no (B, L, V) logits) where it would return logits. Going through the model's own
@@ -1121,7 +1203,16 @@ class Args:
     score_tokens: int = 1024
     """token budget of one teacher / reference forward (no grad); tiny: small budgets waste less padding on a CPU"""
     rollout_tokens: int = 0
-    """KV-cache budget of one generate call: rows x (prompt + max_new_tokens) (0: all of a rank's prompts at once)"""
+    """hf engine: KV-cache budget of one generate call, rows x (prompt + max_new_tokens) (0: all prompts at once)"""
+    rollout_engine: str = "hf"
+    """hf: transformers generate (exact per-rollout seeds; CPU or GPU); vllm: a colocated vLLM engine per rank (GPU)"""
+    vllm_gpu_memory: float = 0.3
+    """vllm engine: the fraction of the GPU its weights and KV cache may take while awake (gpu_memory_utilization)"""
+    max_prompt_tokens: int = 2048
+    """vllm engine: longest prompt accepted (the engine's max_model_len is this + max_new_tokens)"""
+    max_sampler_gap: float = 0.5
+    """stop when the mean |log pi_sampler - log pi_trainer| of the sampled tokens exceeds this (nats per token): the
+    sampler ran on stale or wrong weights (0: no check)"""
     max_new_tokens: int = 64
     """response length limit; a response that reaches it is truncated and gets reward 0"""
     temperature: float = 1.0
@@ -1186,7 +1277,8 @@ PRESETS = {
                   data="zwhe99/DeepMath-103K", instruction="Please reason step by step, and put your final answer "
                   "within \\boxed{}.", prompts_per_step=256, max_new_tokens=12288, temperature=0.6, lr=5e-5,
                   steps=500, seeded_sampling=False, eval_every=0, save_every=20, dtype="bfloat16", cache_dir="",
-                  gradient_checkpointing=True, micro_batch_tokens=32768, score_tokens=65536, rollout_tokens=1 << 20),
+                  gradient_checkpointing=True, micro_batch_tokens=32768, score_tokens=65536, rollout_tokens=1 << 20,
+                  rollout_engine="vllm"),
 }
 
 
@@ -1223,6 +1315,7 @@ def resolve(given):
     _check_option("method", args.method, ("scope", "opd", "grpo", "kd"))
     _check_option("logprob_temperature", args.logprob_temperature, ("one", "sampling"))
     _check_option("dtype", args.dtype, ("float32", "bfloat16"))
+    _check_option("rollout_engine", args.rollout_engine, ("hf", "vllm"))
     return args
 
 
@@ -1386,9 +1479,10 @@ def split_evenly(items, k):
     return [items[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache):
-    """Phase 1: N rollouts per prompt from the student (KD: the teacher's samples, generated once and cached), in
-    generate calls whose KV cache fits rollout_tokens; every rank makes the same number of calls (FSDP2)."""
+def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache, engine=None):
+    """Phase 1: N rollouts per prompt from the student (KD: the teacher's samples, generated once and cached), from
+    the vLLM engine in one call, or in generate calls whose KV cache fits rollout_tokens; every rank makes the same
+    number of calls (FSDP2)."""
     n, lp_temp = args.n_rollouts, args.temperature if args.logprob_temperature == "sampling" else 1.0
     if args.method == "kd":
         part = [j for j in my if idx[j] not in kd_cache]
@@ -1402,6 +1496,9 @@ def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, 
         parts = [kd_cache[idx[j]] for j in my]
         return {k: _pad_cat([p[k] for p in parts], k, tokenizer.pad_token_id).to(rt.device) for k in parts[0]}
     prompts = [prompt_text(tokenizer, rows[idx[j]]["problem"], args.instruction) for j in my]
+    if engine is not None:
+        seeds = row_seeds(args.seed, step, [(j,) for j in my]) if args.seeded_sampling else None
+        return engine.generate(student, tokenizer, prompts, n, seeds, rt.device)
     longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts) + args.max_new_tokens
     per_call = max(1, args.rollout_tokens // (longest * n)) if args.rollout_tokens else len(my)
     calls = int(all_reduce([math.ceil(len(my) / per_call)], rt.device, "max")[0])
@@ -1474,6 +1571,12 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
         nll += float(-(logp.detach() * pm).sum())                     # the student's NLL of its own tokens
         if args.method != "kd":                                       # KD's sampler is the teacher
             gap.append(float(((part["logp_sampler"] - logp.detach()).abs() * pm).sum()))
+    if args.max_sampler_gap and gap:                                  # before the step: no update from such samples
+        g = all_reduce([sum(gap), mask.sum()], rt.device)
+        if g[0] / max(g[1], 1.0) > args.max_sampler_gap:
+            raise RuntimeError(f"rollout/sampler_gap {g[0] / max(g[1], 1.0):.3f} nats per token > --max_sampler_gap "
+                               f"{args.max_sampler_gap}: the rollouts were sampled from other weights than the trainer's "
+                               "(stale engine weights after a sync?); no update was made")
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
     opt.step()
     student.eval()
@@ -1559,9 +1662,9 @@ def train(args):
     if rt.rank == 0:
         from transformers import AutoConfig
         try:
-            plan, peak = memory_plan(args, AutoConfig.from_pretrained(student_name),
-                                     AutoConfig.from_pretrained(teacher_name), rt.world)
             have = torch.cuda.get_device_properties(rt.device).total_memory / 2**30 if rt.device.type == "cuda" else 0
+            plan, peak = memory_plan(args, AutoConfig.from_pretrained(student_name),
+                                     AutoConfig.from_pretrained(teacher_name), rt.world, have or 80.0)
             say(plan + (f"\n  this GPU has {have:.0f} GiB: " + ("fits" if peak < 0.9 * have else
                 "LIKELY OUT OF MEMORY: lower rollout_tokens / micro_batch_tokens / score_tokens") if have else ""))
         except OSError:
@@ -1570,6 +1673,7 @@ def train(args):
     ckpt = latest_checkpoint(out) if args.resume else None
     tokenizer, student, teacher, ref, opt = load_models(args, rt, student_name, teacher_name, ckpt)
     start = resume(ckpt, student, opt, rt, out) if ckpt else 0
+    engine = VLLMRollouts(args, student_name, rt.rank) if args.rollout_engine == "vllm" and args.method != "kd" else None
     if ckpt:
         say(f"resumed from {ckpt} at step {start}")
     elif rt.rank == 0:
@@ -1581,7 +1685,7 @@ def train(args):
         idx = step_prompts(step, len(rows), args.prompts_per_step, args.seed)
         my = list(range(rt.rank, len(idx), rt.world))                  # this rank's positions in the global batch
         t = {"time/generate": time.time()}
-        batch = sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache)     # 1. rollouts
+        batch = sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache, engine)  # 1.
         t["time/verify"] = time.time()
         batch["rewards"] = verify_rollouts(tokenizer, batch, [rows[idx[j]]["answer"] for j in my], n, rt.device)  # 2.
         batch["groups"] = torch.tensor(my, device=rt.device).repeat_interleave(n)   # (B*n,) one id per global prompt
@@ -1619,9 +1723,10 @@ def log_step(step, record, batch, t, device):
     return record if math.isnan(gap) else {**record, "rollout/sampler_gap": gap / max(tok, 1.0)}
 
 
-def memory_plan(args, s, t, world):
+def memory_plan(args, s, t, world, gpu_gib=80.0):
     """Estimated GiB per rank, from the model configs s (student) and t (teacher): what stays resident plus the
-    largest phase (README: memory plan). -> (table text, peak GiB)."""
+    largest phase (README: memory plan); the vLLM engine takes vllm_gpu_memory of a gpu_gib GPU while it is awake.
+    -> (table text, peak GiB)."""
     def params(c):                                                    # decoder-only transformer, biases ignored
         kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
         layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
@@ -1636,7 +1741,9 @@ def memory_plan(args, s, t, world):
                 "teacher (replicated)": half * params(t) * (args.method in ("scope", "opd", "kd")),
                 "GRPO reference (replicated)": half * ps * (args.method == "grpo"),
                 "gathered: embeddings + output layer, 2 decoder layers": half * (root + 2 * layer)}
-    phases = {"rollouts: KV cache (rollout_tokens)": args.rollout_tokens * kv_bytes,
+    rollouts = ("rollouts: KV cache (rollout_tokens)", args.rollout_tokens * kv_bytes) if args.rollout_engine == "hf" \
+        else ("rollouts: vLLM engine awake (vllm_gpu_memory x GPU)", args.vllm_gpu_memory * gpu_gib * gib)
+    phases = {rollouts[0]: rollouts[1],
               "scoring: teacher activations (score_tokens)": args.score_tokens * (4 * t.hidden_size + t.intermediate_size) * half,
               "update: fp32 grads (sharded) + activations (micro_batch_tokens) + log-prob blocks": 4 * ps / world
               + args.micro_batch_tokens * per_token * half + 3 * 4 * 2**25 + 4 * root}

@@ -6,12 +6,15 @@ prints a table. It runs on whatever torch / transformers it finds and states the
   (b) paper-shaped models with random weights (Qwen2.5-1.5B-shaped student in fp32 with bf16 autocast, 7B-shaped
       teacher in bf16, vocabulary 151,936): one SCOPE step of 2 prompts x 8 rollouts at 4096 and 8192 new tokens
       (random models rarely emit eos, so the lengths are real), seconds and peak GPU memory per phase;
-  (c) the vLLM rollout engine of issue #13: not written yet, so only whether `vllm` imports is reported.
+  (c) the vLLM rollout engine (scope.VLLMRollouts), only if `vllm` imports: the tiny SCOPE run of (a) again with
+      --rollout_engine vllm (colocated engine, sleep mode, weight push every step), reporting the sampler gap per
+      step (engine vs trainer log-probs of the same tokens: small when the pushed weights are the trainer's).
 
     python bench/gpu_check.py --out gpu_check.json
     python bench/gpu_check.py --dry-run            # CPU, gloo, tiny shapes: the bookkeeping only (a test runs it)
 
-Status: written and run on CPU in --dry-run mode only (no GPU was lent to the session that wrote it).
+Status: written and run on CPU in --dry-run mode only (no GPU was lent to the sessions that wrote it; (c) has
+never run).
 """
 import argparse
 import contextlib
@@ -40,8 +43,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def tiny_pipeline(dry, work):
-    """(a): every method for a few steps through scope.train at world size 1, then the periodic evaluation."""
+def tiny_pipeline(dry, work, with_vllm=False):
+    """(a): every method for a few steps through scope.train at world size 1, then the periodic evaluation;
+    (c) with_vllm: SCOPE once more with the vLLM rollout engine."""
     spec = dict(hidden=64, layers=2, heads=4, sft_lr=3e-3, sft_batch=32, warmup=5)
     steps = (20, 20) if dry else (300, 200)
     student, teacher = tiny_testbed.build_tiny_models(work / "cache", tiny_testbed.TinyModel(sft_steps=steps[0], **spec),
@@ -49,17 +53,25 @@ def tiny_pipeline(dry, work):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     out = {}
     try:
-        for method in ("scope", "opd", "grpo", "kd"):
+        runs = {m: dict(method=m) for m in ("scope", "opd", "grpo", "kd")}
+        if with_vllm:
+            runs["scope-vllm"] = dict(method="scope", rollout_engine="vllm", vllm_gpu_memory=0.2, max_prompt_tokens=256)
+        for name, run in runs.items():
             n = 2 if dry else 20
-            args = scope.resolve(dict(student=str(student), teacher=str(teacher), method=method, steps=n,
-                                      prompts_per_step=8, n_rollouts=4, max_new_tokens=48, eval_every=n,
-                                      eval_problems=16, eval_k=2, save_every=0, out_dir=str(work / method)))
+            args = scope.resolve(dict(student=str(student), teacher=str(teacher), steps=n, prompts_per_step=8,
+                                      n_rollouts=4, max_new_tokens=48, eval_every=n, eval_problems=16, eval_k=2,
+                                      save_every=0, out_dir=str(work / name), **run))
             t0 = time.time()
-            scope.train(args)
-            last = json.loads((work / method / "metrics.jsonl").read_text().splitlines()[-1])
-            out[method] = {"seconds": round(time.time() - t0, 1), "reward_mean": last["train/reward_mean"],
-                           "loss": last["loss"], "eval_avg@2": last["eval/all/avg@2"],
-                           "sampler_gap": last.get("rollout/sampler_gap")}
+            try:
+                scope.train(args)
+            except Exception as e:                                         # report it, keep the other checks
+                out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                continue
+            recs = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+            out[name] = {"seconds": round(time.time() - t0, 1), "reward_mean": recs[-1]["train/reward_mean"],
+                         "loss": recs[-1]["loss"], "eval_avg@2": recs[-1]["eval/all/avg@2"],
+                         "sampler_gap": [r.get("rollout/sampler_gap") for r in recs],
+                         "time_generate": [round(r["time/generate"], 2) for r in recs]}
     finally:
         for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(k, None)
@@ -137,18 +149,19 @@ def main():
               "device": torch.cuda.get_device_name(0) if cuda else "cpu",
               "transformers": importlib.import_module("transformers").__version__}
     t0 = time.time()
+    has_vllm = importlib.util.find_spec("vllm") is not None
     with tempfile.TemporaryDirectory() as work:
-        report["a_tiny_pipeline"] = tiny_pipeline(a.dry_run, Path(work))
+        report["a_tiny_pipeline"] = tiny_pipeline(a.dry_run, Path(work), with_vllm=has_vllm and cuda)
     report["b_paper_shaped"] = {str(n): paper_shaped_step(a.dry_run, device, n) for n in ((16, 32) if a.dry_run
                                                                                             else (4096, 8192))}
-    report["c_vllm"] = {"importable": importlib.util.find_spec("vllm") is not None,
-                        "engine": "not written yet (issue #13)"}
+    report["c_vllm"] = {"importable": has_vllm, "engine": report["a_tiny_pipeline"].pop("scope-vllm", "not run")}
     report["seconds"] = round(time.time() - t0, 1)
     Path(a.out).write_text(json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in ("date", "torch", "cuda", "device", "transformers")}))
     print("| check | result |\n|---|---|")
     for method, r in report["a_tiny_pipeline"].items():
-        print(f"| (a) tiny {method} | {r['seconds']} s, reward {r['reward_mean']:.2f}, eval avg@2 {r['eval_avg@2']:.2f} |")
+        print(f"| (a) tiny {method} | " + (r["error"] if "error" in r else f"{r['seconds']} s, reward "
+              f"{r['reward_mean']:.2f}, eval avg@2 {r['eval_avg@2']:.2f}") + " |")
     for n, r in report["b_paper_shaped"].items():
         cells = ", ".join(f"{k} {v['seconds']} s" + (f" / {v['peak_gib']} GiB" if v["peak_gib"] is not None else "")
                           for k, v in r["phases"].items())

@@ -4,7 +4,8 @@ project calls exists under that name. The wheel is downloaded (no install, no im
     python bench/vllm_api_check.py                       # pip download --no-deps vllm==0.33.0, then check
     python bench/vllm_api_check.py --wheel path/to/vllm-*.whl
 
-USES below lists what eval/run.py's VLLMBackend calls (a test keeps the list in step with the code). Not part of CI
+USES below lists what eval/run.py's VLLMBackend and scope.py's VLLMRollouts call (a test keeps the list in step
+with the code). Not part of CI
 (the wheel is ~340 MB); its output is recorded in the README.
 """
 import argparse
@@ -19,14 +20,25 @@ VERSION = "0.33.0"
 # (file in the wheel, class, member, keyword arguments or attributes used)
 USES = [
     ("vllm/__init__.py", None, "exports", ["LLM", "SamplingParams"]),
-    ("vllm/entrypoints/llm.py", "LLM", "__init__", ["model", "dtype", "seed"]),
-    ("vllm/engine/arg_utils.py", "EngineArgs", "fields", ["max_model_len"]),      # LLM(**kwargs) -> EngineArgs
+    ("vllm/entrypoints/llm.py", "LLM", "__init__", ["model", "dtype", "seed", "gpu_memory_utilization"]),
+    ("vllm/engine/arg_utils.py", "EngineArgs", "fields", ["max_model_len", "distributed_executor_backend",
+                                                          "enable_sleep_mode", "logprobs_mode"]),  # LLM(**kwargs)
+    ("vllm/config/parallel.py", None, "exports", ["external_launcher"]),            # a distributed_executor_backend
+    ("vllm/config/model.py", None, "exports", ["raw_logprobs", "processed_logprobs"]),   # LogprobsMode values
     ("vllm/inputs/llm.py", "TokensPrompt", "fields", ["prompt_token_ids"]),
-    ("vllm/entrypoints/llm.py", "LLM", "generate", ["prompts", "sampling_params"]),
+    ("vllm/entrypoints/llm.py", "LLM", "generate", ["prompts", "sampling_params", "use_tqdm"]),
     ("vllm/entrypoints/llm.py", "LLM", "get_tokenizer", []),
-    ("vllm/sampling_params.py", "SamplingParams", "fields", ["n", "temperature", "top_p", "top_k", "max_tokens", "seed"]),
+    ("vllm/entrypoints/llm.py", "LLM", "sleep", ["level"]),
+    ("vllm/entrypoints/llm.py", "LLM", "wake_up", ["tags"]),
+    ("vllm/entrypoints/llm.py", "LLM", "apply_model", ["func"]),
+    ("vllm/entrypoints/llm.py", "LLM", "reset_prefix_cache", []),
+    ("vllm/v1/worker/worker_base.py", "WorkerBase", "apply_model", ["fn"]),         # runs fn(model) in the worker
+    ("vllm/model_executor/models/qwen2.py", "Qwen2ForCausalLM", "load_weights", ["weights"]),
+    ("vllm/sampling_params.py", "SamplingParams", "fields", ["n", "temperature", "top_p", "top_k", "max_tokens", "seed",
+                                                             "logprobs", "stop_token_ids", "detokenize"]),
     ("vllm/outputs.py", "RequestOutput", "attributes", ["outputs"]),
-    ("vllm/outputs.py", "CompletionOutput", "attributes", ["text", "finish_reason"]),
+    ("vllm/outputs.py", "CompletionOutput", "attributes", ["text", "finish_reason", "token_ids", "logprobs"]),
+    ("vllm/logprobs.py", "Logprob", "attributes", ["logprob"]),
 ]
 
 

@@ -85,7 +85,7 @@ class HFBackend:
     def __init__(self, args):
         self.args = args
         self.tokenizer = scope.load_model(args.model, "model")
-        self.model = scope.load_model(args.model, "model", args.dtype, "cuda" if _cuda() else "cpu")
+        self.model = scope.load_model(args.model, "model", args.dtype, _device())
 
     def __call__(self, bench, rows, n):
         a = self.args
@@ -100,9 +100,12 @@ class VLLMBackend:
     """vLLM's LLM.generate with SamplingParams(n, seed) per problem (GPU only; imported only here; calls checked against
     vllm 0.33.0's source by bench/vllm_api_check.py). Prompts go in as token ids, tokenized as the HF backend does
     (chat template, no special tokens added): given a string, vLLM would add special tokens, and a tokenizer with
-    add_bos_token (R1-Distill's) would get a second BOS. max_model_len = the longest prompt + max_tokens."""
+    add_bos_token (R1-Distill's) would get a second BOS. max_model_len = the longest prompt + max_tokens.
+    Under torchrun (world > 1) each rank runs its own engine on its own GPU (LOCAL_RANK), tensor parallel 1, inside
+    the rank's process (distributed_executor_backend="external_launcher", which joins the existing process group),
+    on its shard of the problems."""
 
-    def __init__(self, args, rows):
+    def __init__(self, args, rows, world=1):
         try:
             from vllm import LLM, SamplingParams
         except ImportError:
@@ -111,7 +114,8 @@ class VLLMBackend:
         hf_tokenizer = scope.load_model(args.model, "model")
         longest = max(len(prompt_ids(hf_tokenizer, r, args.instruction)) for r in rows)   # every prompt it will see
         self.args, self.SamplingParams = args, SamplingParams
-        self.llm = LLM(model=args.model, dtype=args.dtype, seed=args.seed, max_model_len=longest + args.max_tokens)
+        self.llm = LLM(model=args.model, dtype=args.dtype, seed=args.seed, max_model_len=longest + args.max_tokens,
+                       distributed_executor_backend="external_launcher" if world > 1 else None)   # None: vLLM's default
         self.tokenizer = self.llm.get_tokenizer()
 
     def __call__(self, bench, rows, n):
@@ -128,9 +132,11 @@ def prompt_ids(tokenizer, row, instruction):
     return tokenizer(scope.prompt_text(tokenizer, row["problem"], instruction), add_special_tokens=False)["input_ids"]
 
 
-def _cuda():
+def _device():
+    """This rank's GPU (LOCAL_RANK under torchrun), else the CPU."""
+    import os
     import torch
-    return torch.cuda.is_available()
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
 
 def read_samples(path):
@@ -162,6 +168,8 @@ def evaluate(args, generator=None, progress=True, rank=0, world=1):
     def shard_path(name, r):
         return out / (f"{name}.samples.jsonl" if world == 1 else f"{name}.samples.rank{r}of{world}.jsonl")
 
+    if generator is None and args.backend == "vllm" and world > 1:   # building engines is collective: every rank,
+        generator = VLLMBackend(args, [r for rs in data.values() for r in rs], world)   # even one with nothing to do
     for name, rows in data.items():
         path, mine = shard_path(name, rank), rows[rank::world]
         samples = complete_samples(path, args.n)
@@ -171,7 +179,7 @@ def evaluate(args, generator=None, progress=True, rank=0, world=1):
         if todo and generator is None and args.backend == "hf":
             generator = HFBackend(args)
         elif todo and generator is None:
-            generator = VLLMBackend(args, [r for rs in data.values() for r in rs])
+            generator = VLLMBackend(args, [r for rs in data.values() for r in rs], world)
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=name, disable=not progress)
         with path.open("a") as f:
             step = args.batch_problems if args.backend == "hf" else max(len(todo), 1)   # vllm: a benchmark per call
@@ -262,9 +270,16 @@ def main(argv=None):
     args = EvalArgs(**given)
     if not args.model:
         p.error("--model is required")
-    results = evaluate(args)
-    print(table(results))
-    print(f"results: {Path(args.out_dir) / 'results.json'}")
+    import os
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:                                  # torchrun: one engine per GPU; the vllm backend joins this group
+        import torch
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    results = evaluate(args, rank=rank, world=world)
+    if rank == 0:
+        print(table(results))
+        print(f"results: {Path(args.out_dir) / 'results.json'}")
 
 
 if __name__ == "__main__":

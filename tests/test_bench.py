@@ -6,6 +6,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -24,17 +26,19 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert report["c_vllm"]["importable"] is False and "| (c) vllm |" in res.stdout
 
 
-def test_vllm_api_check_lists_every_vllm_name_the_eval_backend_uses():
+@pytest.mark.parametrize("path,cls", [("eval/run.py", "VLLMBackend"), ("scope.py", "VLLMRollouts")])
+def test_vllm_api_check_lists_every_vllm_name_the_code_uses(path, cls):
     """bench/vllm_api_check.py checks USES against vLLM's source (README); this keeps USES in step with the code:
     every keyword passed to LLM(...) / SamplingParams(...), every method called on the engine and every attribute
-    read from its outputs in eval/run.py's VLLMBackend is in USES. (The check against vLLM itself is the script.)"""
+    read from its outputs in eval's VLLMBackend and scope's VLLMRollouts is in USES. (The check against vLLM itself
+    is the script.)"""
     import ast
     sys.path.insert(0, str(ROOT / "bench"))
     import vllm_api_check
-    declared = {(cls, member): set(names) for _, cls, member, names in vllm_api_check.USES}
-    tree = ast.parse((ROOT / "eval" / "run.py").read_text())
-    backend = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "VLLMBackend")
-    seen = {"LLM": set(), "SamplingParams": set(), "engine": set(), "attrs": set()}
+    declared = {(c, member): set(names) for _, c, member, names in vllm_api_check.USES}
+    tree = ast.parse((ROOT / path).read_text())
+    backend = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls)
+    seen = {"LLM": set(), "SamplingParams": set(), "engine": set(), "attrs": set(), "model": set()}
     for node in ast.walk(backend):
         if isinstance(node, ast.Call):
             name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
@@ -42,11 +46,16 @@ def test_vllm_api_check_lists_every_vllm_name_the_eval_backend_uses():
                 seen[name] |= {k.arg for k in node.keywords}
             if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "attr", None) == "llm":
                 seen["engine"].add(node.func.attr)
-        if isinstance(node, ast.Attribute) and node.attr in ("outputs", "text", "finish_reason", "token_ids"):
+            if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", None) == "model":
+                seen["model"].add(node.func.attr)                         # inside apply_model(lambda model: ...)
+        if isinstance(node, ast.Attribute) and node.attr in ("outputs", "text", "finish_reason", "token_ids",
+                                                             "logprobs", "logprob"):
             seen["attrs"].add(node.attr)
     keys = {k.value for n in ast.walk(backend) if isinstance(n, ast.Dict) for k in n.keys if isinstance(k, ast.Constant)}
     assert keys <= declared[("TokensPrompt", "fields")]                # prompts as token ids
     assert seen["LLM"] and seen["LLM"] <= declared[("LLM", "__init__")] | declared[("EngineArgs", "fields")]
     assert seen["SamplingParams"] and seen["SamplingParams"] <= declared[("SamplingParams", "fields")]
     assert seen["engine"] and seen["engine"] <= {m for (c, m) in declared if c == "LLM"}
-    assert seen["attrs"] <= declared[("RequestOutput", "attributes")] | declared[("CompletionOutput", "attributes")]
+    assert seen["model"] <= {m for (c, m) in declared if c == "Qwen2ForCausalLM"}
+    assert seen["attrs"] <= (declared[("RequestOutput", "attributes")] | declared[("CompletionOutput", "attributes")]
+                             | declared[("Logprob", "attributes")])

@@ -215,8 +215,9 @@ def test_vllm_backend_contract_token_ids_one_call_per_benchmark(micro_models, tm
             self.n = n
 
     class LLM:
-        def __init__(self, *, model, dtype, seed, max_model_len):
+        def __init__(self, *, model, dtype, seed, max_model_len, distributed_executor_backend=None):
             calls["init"].append(max_model_len)
+            calls.setdefault("backend", []).append(distributed_executor_backend)
 
         def get_tokenizer(self):
             return tok
@@ -236,3 +237,6 @@ def test_vllm_backend_contract_token_ids_one_call_per_benchmark(micro_models, tm
     assert calls["generate"] == [want[:10], want[10:]]                   # one call per benchmark, HF's token ids
     assert calls["init"] == [max(map(len, want)) + 64]                  # max_model_len = longest prompt + max_tokens
     assert set(res["benchmarks"]) == {"tiny-add3", "tiny-frac"}
+    from eval.run import VLLMBackend, resolve
+    VLLMBackend(resolve(args), rows, world=2)                       # torchrun: one in-process engine per rank
+    assert calls["backend"] == [None, "external_launcher"]
