@@ -366,7 +366,7 @@ class _Refuse(Exception):
     """Input too big, too deep, or outside the grammar: the answer is judged not equal."""
 
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![a-zA-Z])")
 
 
 def extract_boxed(text):
@@ -376,9 +376,11 @@ def extract_boxed(text):
     last = None
     for last in _BOX_RE.finditer(text):
         pass
-    if last is None:
-        return None
-    i = last.end()
+    return None if last is None else _box_content(text, last.end())
+
+
+def _box_content(text, i):
+    """The braced (or bare `\\boxed 5`) argument starting at text[i]; None when unbalanced."""
     if text.startswith("{", i):
         depth, j = 0, i
         while j < len(text):
@@ -403,14 +405,16 @@ def _normalize(s):
     s = s.replace("\n", " ").strip()
     s = re.sub(r"\\(?:displaystyle|textstyle|limits)", "", s)
     s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
+    s = re.sub(r",\\!\s*", ",", s)                                  # 11,\!111 (thousands)
+    s = re.sub(r"\\\\(?=(?:[dt]?frac|sqrt|pi|cdot|times)(?![a-zA-Z]))", r"\\", s)  # \\frac typed for \frac
     s = re.sub(r"(?<!\\)\\[!,;:> ]|\\quad|\\qquad|~", " ", s)     # thin spaces (1\,000 -> 1 000)
-    s = s.replace("{,}", ",").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("{,}", ",").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree|\\circ", "", s)   # degrees
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "%").replace("%", "")  # currency; percent dropped
     s = re.sub(r"\\(?:le|leq|leqslant)(?![a-zA-Z])", "<=", s)
     s = re.sub(r"\\(?:ge|geq|geqslant)(?![a-zA-Z])", ">=", s)
     s = re.sub(r"\\(?:ne|neq)(?![a-zA-Z])", "!=", s).replace("\\lt", "<").replace("\\gt", ">")
-    s = s.strip().rstrip(".").strip()
+    s = s.strip().rstrip(".\\").strip()
     unit = None                                                   # trailing unit: "10 cm", "5\text{ inches}"
     m = re.match(r"^(.*?[\d}).])\s*(?:" + _TEXT_CMDS + r"\s*\{\s*([a-zA-Z][a-zA-Z ]*)\}|\s([a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*))"
                  r"(\^\{?[23]\}?)?\s*$", s)
@@ -419,8 +423,13 @@ def _normalize(s):
         s, unit = m.group(1).strip(), " ".join((m.group(2) or m.group(3)).split()) + (m.group(4) or "")
     s = re.sub(_TEXT_CMDS + r"\s*\{([^{}]*)\}", r"\1", s).strip()   # unwrap \text{...}
     s = re.sub(r"\s+", " ", s)
+    s = re.sub(r"(?<=[\w)\]}])\s*,?\s+(?:and|or)\s+(?=[-\w(\[{\\])|(?<=[)\]])\s*or\s*(?=[(\[])", ", ", s)  # 6 and 8
+    s = re.sub(r"^(-?\d+)\s+(\d+)/(\d+)$", r"\1+\2/\3", s) if not s.startswith("-") else s   # mixed number 1 1/2
+    s = re.sub(r"(?<=\d)_\{(\d+)\}", r"_\1", s)                      # base subscripts: 4210_{7}
     if re.fullmatch(r"-?\d{1,3}(?:[ ,]\d{3})+(?:\.\d+)?", s):        # thousands separators 1,000 / 1 000
         s = re.sub(r"[ ,]", "", s)
+    if ";" in s and ";" not in _mask_brackets(s):                 # (0;-2;6): semicolons inside tuples
+        s = s.replace(";", ",")
     return s.lstrip("+").strip(), unit
 
 
@@ -724,13 +733,37 @@ def _close(a, b):
     return abs(a - b) <= max(ABS_TOL, REL_TOL * max(abs(a), abs(b)))
 
 
+def _decimal(q):
+    """(decimal places, significant digits) when the rational q is a terminating decimal, else None."""
+    den, twos, fives = int(q.q), 0, 0
+    while den % 2 == 0:
+        den, twos = den // 2, twos + 1
+    while den % 5 == 0:
+        den, fives = den // 5, fives + 1
+    if den != 1:
+        return None
+    k = max(twos, fives)
+    return k, len(str(abs(int(q * 10**k))).lstrip("0"))
+
+
+def _rounded(d, x):
+    """d is x rounded to d's own decimal places (0.0833 for 1/12, 3.1416 for 3.14159), with at least 3 significant
+    digits (4 when x is itself a terminating decimal: 12.5 is not 12.54)."""
+    dd, dx = _decimal(d), _decimal(x)
+    if dd is None or dd[0] == 0 or (dx is not None and dx[0] <= dd[0]):
+        return False
+    return dd[1] >= (4 if dx else 3) and abs(x - d) * 2 * 10**dd[0] <= 1
+
+
 def _expr_equal(a, b):
     """Exact for rationals; REL_TOL for other numbers; random points for expressions in variables."""
     if a.has(sympy.zoo, sympy.nan) or b.has(sympy.zoo, sympy.nan):
         return False                                              # 1/0 is no answer
     if a == b:
         return True
-    if a.is_Rational and b.is_Rational or a.has(sympy.oo) or b.has(sympy.oo):
+    if a.is_Rational and b.is_Rational:
+        return _rounded(a, b) or _rounded(b, a)
+    if a.has(sympy.oo) or b.has(sympy.oo):
         return False
     free = a.free_symbols | b.free_symbols                        # sin^2 x + cos^2 x == 1 is allowed
     rng = random.Random(0)
@@ -738,6 +771,24 @@ def _expr_equal(a, b):
     for point in points:
         va, vb = _numeric(a.subs(point)), _numeric(b.subs(point))
         if va is None or vb is None or not _close(va, vb):
+            return False
+    return True
+
+
+def _scaled(a, b):
+    """a = c * b for one nonzero constant c (the equations a = 0 and b = 0 are the same: 2x + 4y - 3 = 0 and
+    y = -x/2 + 3/4), checked at random points."""
+    free = a.free_symbols | b.free_symbols
+    if not free:
+        return False
+    rng, ratio = random.Random(1), None
+    for _ in range(4):
+        point = {x: sympy.Rational(rng.randint(3, 29), 7) for x in free}
+        va, vb = _numeric(a.subs(point)), _numeric(b.subs(point))
+        if va is None or vb is None or abs(vb) < ABS_TOL:
+            return False
+        ratio = ratio if ratio is not None else va / vb
+        if abs(ratio) < ABS_TOL or not _close(va / vb, ratio):
             return False
     return True
 
@@ -752,6 +803,8 @@ def _structure(s, deadline):
     choice = re.fullmatch(r"\(?([A-E])\)?", s)
     if choice:
         return ("choice", choice.group(1))
+    s = re.sub(r"^[(\[]\s*(\\begin\{(\w+)\}.*\\end\{\2\})\s*[)\]]$", r"\1", s, flags=re.S)   # [ matrix ]
+    s = re.sub(r"^\\begin\{array\}\{[lcr|]*\}(.*)\\end\{array\}$", r"\\begin{matrix}\1\\end{matrix}", s, flags=re.S)
     m = re.fullmatch(r"\\begin\{([pbvB]?matrix)\}(.*)\\end\{\1\}", s, re.S)
     if m:
         rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
@@ -809,6 +862,11 @@ def _mask_brackets(s):
 def _struct_equal(a, b, deadline):
     if time.monotonic() > deadline:
         raise _Refuse("time")
+    if {a[0], b[0]} == {"matrix", "seq"}:                        # a column or row vector written as a list
+        m, q = (a, b) if a[0] == "matrix" else (b, a)
+        cells = [c for row in m[1] for c in row]
+        return (len(m[1]) == 1 or all(len(r) == 1 for r in m[1])) and len(cells) == len(q[2]) and all(
+            y[0] == "expr" and _expr_equal(x, y[1]) for x, y in zip(cells, q[2]))
     if a[0] != b[0]:
         return False
     kind = a[0]
@@ -835,12 +893,9 @@ def _struct_equal(a, b, deadline):
             return False
         if len(ea) == 2:                                           # compare rhs - lhs (x > 2  ==  x - 2 > 0)
             da, db = ea[1] - ea[0], eb[1] - eb[0]
-            return _expr_equal(da, db) or (ops_a[0] in ("=", "!=") and _expr_equal(da, -db))
+            return _expr_equal(da, db) or (ops_a[0] in ("=", "!=") and (_expr_equal(da, -db) or _scaled(da, db)))
         return all(_expr_equal(x, y) for x, y in zip(ea, eb))
     return False
-
-
-_LHS_RE = re.compile(r"^\s*[a-zA-Z](?:_\{?\w+\}?)?(?:\([a-z]\))?\s*=\s*(?!.*[=<>])(.+)$")
 
 
 def is_equiv(pred, gold):
@@ -867,26 +922,182 @@ def _is_equiv(pred, gold, deadline):
         p = f"{p} {p_unit}"                                        # "Tuesday" is an answer, not a unit
     if re.fullmatch(r"[a-zA-Z ]{3,}", p) and p.lower() == g.lower():
         return True                                                # words: case-insensitive
-    if not re.search(r"[=<>]", g):                                 # gold is a bare value: drop "x = " in pred
-        m = _LHS_RE.match(p)
-        p = m.group(1) if m else p
-    elif not re.search(r"[=<>]", p):                               # pred is a bare value, gold "M = value"
-        m = _LHS_RE.match(g)
-        g = m.group(1) if m else g
+    p, g = _value_of(p), _value_of(g)
+    p, g = (re.sub(r"^[^=<>]*?\\in\s*", "", x) if _is_name(x.split("\\in")[0]) else x for x in (p, g))  # x \in S
+    if not re.search(r"[=<>]|\\in\b", g):                          # gold is a bare value: drop "x = " in pred
+        p = _drop_names(p)
+    if not re.search(r"[=<>]|\\in\b", p):                          # pred is a bare value, gold "M = value"
+        g = _drop_names(g)
     if p.replace(" ", "") == g.replace(" ", ""):
         return True
-    return _struct_equal(_structure(p.strip(), deadline), _structure(g.strip(), deadline), deadline)
+    sp, sg = _structure(p.strip(), deadline), _structure(g.strip(), deadline)
+    if sp[0] in ("seq", "union") and sg[0] == "rel":               # x <= 3  vs  (-\infty, 3]
+        sg = _interval(sg, deadline) or sg
+    if sg[0] in ("seq", "union") and sp[0] == "rel":
+        sp = _interval(sp, deadline) or sp
+    if _struct_equal(sp, sg, deadline):
+        return True
+    if "%" in pred and "%" not in gold and sp[0] == "expr":        # 10% is 10 (above) and also 0.1
+        return _struct_equal(("expr", sp[1] / 100), sg, deadline)
+    if "%" in gold and "%" not in pred and sg[0] == "expr":
+        return _struct_equal(sp, ("expr", sg[1] / 100), deadline)
+    return False
+
+
+def _is_name(s):
+    """A name, not a value: letters (with subscripts, |AB|, ratios A:B, f(x), tuples of names), no digits or
+    arithmetic outside subscripts."""
+    core = re.sub(r"_\{[^{}]*\}|_\w|\\(?:frac|text|mathrm|overline|angle)", "", s)
+    return bool(re.search(r"[a-zA-Z]", core)) and not re.search(r"[\d+\-*^=<>]", core)
+
+
+def _value_of(s):
+    """The value an answer states: the last member of a chain a = b = c; an approximation dropped (x = 1/3 \approx
+    0.33 -> x = 1/3; y \approx 11 -> y = 11; \frac{\sqrt3}{3} \approx 0.577 -> \frac{\sqrt3}{3})."""
+    if "\\approx" in s:
+        left, right = s.split("\\approx", 1)
+        s = left if "=" in left or not _is_name(left.strip()) else f"{left}={right}"
+    eq = _split_top(s, ["="])
+    if len(eq) > 2 and not re.search(r"[<>,;]", _mask_brackets(s)):
+        s = eq[0] + "=" + eq[-1] if _is_name(eq[0]) else eq[-1]
+    return s.strip()
+
+
+def _drop_names(s):
+    """'x = 5' -> '5', '(p,q) = (3,2)' -> '(3,2)', 'x \in [0,7)' -> '[0,7)', item by item in a list."""
+    items = _split_top(s, [",", ";"]) if not (s[:1] in "([{" and _balanced(s[1:-1])) else [s]
+    out = []
+    for item in items:
+        parts = _split_top(item, ["=", "\\in"])
+        out.append(parts[1] if len(parts) == 2 and _is_name(parts[0]) and parts[1] else item)
+    return ", ".join(out) if len(out) > 1 else out[0]
+
+
+def _interval(rel, deadline):
+    """A one-variable inequality as an interval structure: a < x <= b -> (a, b]; x <= 3 -> (-oo, 3]. Else None."""
+    _, ops, exprs = rel
+    if not all(o in ("<", "<=") for o in ops) or not 2 <= len(exprs) <= 3:
+        return None
+    free = [i for i, e in enumerate(exprs) if e.free_symbols]
+    if len(free) != 1 or (len(exprs) == 3 and free != [1]):
+        return None
+    if len(exprs) == 2:                                            # x < b  or  a < x
+        lo, hi = (-sympy.oo, exprs[1]) if free == [0] else (exprs[0], sympy.oo)
+        left = "(" if free == [0] or ops[0] == "<" else "["
+        right = ")" if free == [1] or ops[0] == "<" else "]"
+    else:
+        lo, hi = exprs[0], exprs[2]
+        left, right = ("(" if ops[0] == "<" else "["), (")" if ops[1] == "<" else "]")
+    return ("seq", left + right, [("expr", lo), ("expr", hi)])
+
+
+_ANSWER_RE = re.compile(r"(?:answer|答案)\s*(?:is|是|:|：|=)?\s*[:：]?\s*", re.I)
+_MATH_RE = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\(([^\n]+?)\\\)|(?<![\\$])\$([^$\n]+?)(?<!\\)\$", re.S)
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def _span(m):
+    return next(g for g in m.groups() if g is not None).strip()
+
+
+def _has_prose(text):
+    """A word of 4+ letters outside LaTeX commands and their {arguments}: sentences, not a bare answer."""
+    text = re.sub(r"\\[a-zA-Z]+(?:\s*\{[^{}]*\})?", "", text)
+    return bool(re.search(r"(?<!\\)\b[a-zA-Z]{4,}\b|[\u3040-\u30ff\u4e00-\u9fff]", text))   # or CJK text
+
+
+def evaluation_answer(text):
+    """The final answer of a response, found the way community evaluation harnesses do (README: verifier policy):
+    1. the last \\boxed{} / \\fbox{} / \\framebox{};  2. a short response with no prose is the answer itself;
+    3. the first sentence after the last "answer is" / "answer:" (its closing math span, or what follows its last
+    " is ");  4. the last display or inline math span;  5. the last number. Training does not use this: its reward
+    needs a box (`reward`). -> str or None."""
+    if not isinstance(text, str):
+        return None
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    bare = text.strip().strip("$").strip()
+    if len(bare) <= MAX_ANSWER_CHARS and not _has_prose(bare):
+        return bare                                               # "x^2+2x+1", "\frac{1}{2}", "1 000"
+    tail = text[-4 * MAX_ANSWER_CHARS:]                           # the answer sits at the end; bounds the regexes
+    cue = None
+    for cue in _ANSWER_RE.finditer(tail):
+        pass
+    if cue is not None:
+        first = _MATH_RE.match(tail[cue.end():].lstrip())
+        if first:
+            return _span(first)                                   # "Answer \\[ 9 \\]"
+        line = re.split(r"\n|\.\s|\.$", tail[cue.end():].strip(), maxsplit=1)[0].strip()
+        spans = list(_MATH_RE.finditer(line))
+        if spans and not line[spans[-1].end():].strip(" .,;:"):
+            return _span(spans[-1])                               # "The final answer is $28\%$"
+        if " is " in line:
+            return line.rsplit(" is ", 1)[1].strip(" .$")         # "The largest $n$ is 34"
+        if spans:
+            return _span(spans[-1])
+        if line and not re.search(r"\w", line):
+            return None                                           # a cue followed by nothing readable
+        if line and len(line) < 80:
+            return line
+    spans = list(_MATH_RE.finditer(tail))
+    if spans:
+        return _span(spans[-1])
+    numbers = _NUMBER_RE.findall(tail)
+    return numbers[-1] if numbers else None
+
+
+_LIST_GLUE_RE = re.compile(r"(?:[\s,;$.]|\\quad|\\qquad|\\[()\[\]]|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b)*")
+
+
+def _box_list(text):
+    """The boxes of text read as one list: the last run of boxes joined only by commas, "and", "or", spacing or
+    math delimiters (prose between two boxes ends the run). -> list of contents (empty: no box)."""
+    run, prev_end = [], None
+    for m in _BOX_RE.finditer(text):
+        content = _box_content(text, m.end())
+        if content is None:
+            return []
+        glue = text[prev_end:m.start()] if prev_end is not None else ""
+        run = run + [content] if prev_end is not None and _LIST_GLUE_RE.fullmatch(glue) else [content]
+        prev_end = m.end() + len(content) + 2 if text.startswith("{", m.end()) else m.end() + len(content) + 1
+    return run
+
+
+def gold_answer(gold):
+    """A gold answer as stored: its boxes (several, side by side: one list) or its $...$ / \\( \\) / \\[ \\] removed."""
+    gold = gold.strip()
+    boxes = _box_list(gold)
+    if boxes:
+        return ", ".join(boxes)
+    if _has_prose(gold) and len(gold) > 200:                      # a worked solution, not an answer
+        return evaluation_answer(gold) or gold
+    return re.sub(r"\$|\\\(|\\\)|\\\[|\\\]", " ", gold).strip()
+
+
+def verify_response(response, gold, truncated=False, extraction="lenient"):
+    """1.0 if the response's final answer equals gold. extraction: "boxed" (training: the last box only) or
+    "lenient" (evaluation: evaluation_answer). Several boxes: the last one, or, when the gold is a list of k
+    items, the last k boxes read as that list. A response cut at the length limit scores 0."""
+    if truncated or not isinstance(response, str) or not isinstance(gold, str):
+        return 0.0
+    gold = gold_answer(gold)
+    answer = extract_boxed(response) if extraction == "boxed" else evaluation_answer(response)
+    if answer is None or not answer.strip():
+        return 0.0
+    if is_equiv(answer, gold):
+        return 1.0
+    g = _normalize(gold)[0] if len(gold) <= MAX_ANSWER_CHARS else ""
+    g = g[2:-2] if g.startswith("\\{") and g.endswith("\\}") else g[1:-1] if g[:1] == "{" and g[-1:] == "}" else g
+    k = len(_split_top(g, [",", ";"]))
+    boxes = _box_list(response[-4 * MAX_ANSWER_CHARS:])
+    return float(1 < k <= len(boxes) and is_equiv(", ".join(boxes[-k:]), gold))
 
 
 def reward(response, gold, truncated=False):
     """Training reward (spec section 1): 1.0 if the last \\boxed answer equals gold, else 0.0. A response cut
-    at the length limit, with no box, or with an empty box scores 0."""
-    if truncated:
-        return 0.0
-    answer = extract_boxed(response)
-    if answer is None or not answer.strip():
-        return 0.0
-    return float(is_equiv(answer, gold))
+    at the length limit, with no box, or with an empty box scores 0 (boxed-only: README, verifier policy)."""
+    return verify_response(response, gold, truncated, extraction="boxed")
 
 
 def pass_at_k(n, c, k):

@@ -53,12 +53,17 @@ class EvalArgs:
     """sampling seed (every sample's randomness is a function of seed, benchmark, problem, sample index)"""
     dtype: str = "float32"
     """float32 | bfloat16"""
+    extraction: str = ""
+    """lenient: the final answer as community harnesses find it (last box, else "answer is ...", last math span,
+    last number; scope.evaluation_answer); boxed: the last box only, as training rewards it (empty: the preset's,
+    lenient for paper, boxed for tiny)"""
 
 
 PRESETS = {
     "paper": dict(n=32, temperature=0.6, top_p=0.95, top_k=20, max_tokens=32768, instruction=PAPER_INSTRUCTION,
-                  benchmarks=",".join(benchmarks.PAPER_BENCHMARKS), dtype="bfloat16"),
-    "tiny": dict(n=4, temperature=1.0, top_p=1.0, top_k=0, max_tokens=64, instruction="", benchmarks=benchmarks.TINY),
+                  benchmarks=",".join(benchmarks.PAPER_BENCHMARKS), dtype="bfloat16", extraction="lenient"),
+    "tiny": dict(n=4, temperature=1.0, top_p=1.0, top_k=0, max_tokens=64, instruction="", benchmarks=benchmarks.TINY,
+                 extraction="boxed"),
 }
 
 
@@ -67,9 +72,11 @@ def resolve(args):
     if args.preset not in PRESETS:
         raise SystemExit(f"--preset must be one of {list(PRESETS)}")
     unset = {"n": 0, "temperature": -1.0, "top_p": -1.0, "top_k": -1, "max_tokens": 0, "instruction": "preset",
-             "benchmarks": "", "dtype": "float32"}
+             "benchmarks": "", "dtype": "float32", "extraction": ""}
     filled = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == unset[k]}
     out = dataclasses.replace(args, **filled)
+    if out.extraction not in ("lenient", "boxed"):
+        raise SystemExit(f"--extraction must be lenient or boxed, got {out.extraction!r}")
     if out.backend not in ("hf", "vllm"):
         raise SystemExit(f"--backend must be hf or vllm, got {out.backend!r}")
     return out
@@ -188,7 +195,9 @@ def evaluate(args, generator=None, progress=True, rank=0, world=1):
                 for r, res in zip(chunk, generator(name, chunk, args.n)):
                     for j, (text, truncated) in enumerate(res):
                         rec = {"problem_id": r["id"], "sample": j, "response": text, "extracted": scope.extract_boxed(text),
-                               "correct": bool(scope.reward(text, r["answer"], truncated)), "truncated": truncated}
+                               "answer": scope.evaluation_answer(text) if args.extraction == "lenient" else None,
+                               "correct": bool(scope.verify_response(text, r["answer"], truncated, args.extraction)),
+                               "truncated": truncated}
                         f.write(json.dumps(rec) + "\n")
                 f.flush()
                 bar.update(len(chunk))
