@@ -30,8 +30,9 @@ import tiny_testbed
 from eval import benchmarks, metrics
 from eval.run import EvalArgs, evaluate, versions
 
-METHODS = ["base", "grpo", "kd", "opd", "scope"]
-LABELS = {"base": "student (no training)", "grpo": "+ GRPO", "kd": "+ KD", "opd": "+ OPD", "scope": "+ SCOPE"}
+METHODS = ["base", "grpo", "kd", "psr", "opd", "scope"]
+LABELS = {"base": "student (no training)", "grpo": "+ GRPO", "kd": "+ KD", "psr": "+ PSR (correct rollouts only)",
+          "opd": "+ OPD", "scope": "+ SCOPE"}
 # Paper Fig. 5 ablations, Fig. 6 tau sweep, and the official code's recipe (README: official-code differences).
 ABLATIONS = {
     "scope-no_teacher_w": dict(teacher_weight="uniform"),
@@ -41,8 +42,11 @@ ABLATIONS = {
     "scope-reversed_student_w": dict(student_weight="reversed"),
     "scope-tau0.5": dict(tau=0.5),
     "scope-tau2": dict(tau=2.0),
+    # the released scripts' recipe at their own sampling temperature, with their training grader; beside it the
+    # paper-default SCOPE at the same temperature
     "scope-official": dict(weight_norm="mean", student_weight="reversed", loss_agg="token",
-                           logprob_temperature="sampling"),
+                           logprob_temperature="sampling", temperature=0.6, grader="official"),
+    "scope-t0.6": dict(temperature=0.6),
 }
 # SCOPE_SPEC.md section 8: the PAPER's Table 1 (R1-Distill-Qwen-1.5B), Avg@32 / Pass@32. Shown beside ours for the
 # paper preset, never as ours.
@@ -90,6 +94,14 @@ class RArgs:
     """the report to write (empty: <out>/RESULTS.md; the committed report: --out results --results-md RESULTS.md)"""
     report_only: bool = False
     """train and evaluate nothing: rebuild the report from the files under --out (which it needs)"""
+    ablation_runs: str = ""
+    """with --ablations: only these ablations (comma-separated names; empty: all)"""
+    eval_limit: int = 0
+    """test problems per tiny level (0: the preset's 32; the study uses all 256)"""
+    regime: str = "default"
+    """tiny teacher: default, or weak-add5 (trained on 2% of the add5 problems: the second regime, issue #12)"""
+    analysis: str = ""
+    """recovery: run the error-recovery analysis (paper section 2.2) for --regime into <out>/analysis/, no training"""
 
 
 def preset_settings(a):
@@ -101,7 +113,7 @@ def preset_settings(a):
     else:
         # tiny: 50 steps x 16 prompts x 8 rollouts at scope.Args' tiny defaults
         train = dict(steps=50, eval_every=10, eval_problems=64, eval_k=4, save_every=10)
-        ev = dict(preset="tiny", n=8, limit=32)
+        ev = dict(preset="tiny", n=8, limit=a.eval_limit or 32)
         names = [f"{benchmarks.TINY}-{level}" for level in tiny_testbed.TINY_LEVELS]
     if a.smoke:
         train.update(steps=2, prompts_per_step=4, n_rollouts=4, micro_batch_tokens=400, max_new_tokens=48,
@@ -110,7 +122,16 @@ def preset_settings(a):
     if a.steps:
         train["steps"] = a.steps
     train.update({k: v for k, v in (("student", a.student), ("teacher", a.teacher), ("data", a.data)) if v})
+    if a.preset == "tiny" and a.regime != "default" and not a.teacher:
+        train["teacher"] = str(regime_models(a)[1])
     return train, ev, names
+
+
+def regime_models(a):
+    """(student dir, teacher dir) of the tiny regime (built once and cached like the default models)."""
+    if a.regime not in tiny_testbed.REGIMES:
+        raise SystemExit(f"--regime must be one of {list(tiny_testbed.REGIMES)}, got {a.regime!r}")
+    return tiny_testbed.build_tiny_models(scope.Args().cache_dir, teacher=tiny_testbed.REGIMES[a.regime])
 
 
 def train_args(a, run, seed, out, train_over):
@@ -126,8 +147,26 @@ def runs_of(a):
             raise SystemExit(f"--methods: unknown method {m!r}; known: {METHODS}")
     runs = {m: ({} if m == "base" else {"method": m}) for m in names}
     if a.ablations:
-        runs.update({k: dict(v, method="scope") for k, v in ABLATIONS.items()})
+        chosen = [r for r in a.ablation_runs.split(",") if r] or list(ABLATIONS)
+        for r in chosen:
+            if r not in ABLATIONS:
+                raise SystemExit(f"--ablation-runs: unknown {r!r}; known: {list(ABLATIONS)}")
+        runs.update({k: dict(ABLATIONS[k], method="scope") for k in chosen})
     return runs
+
+
+def run_analysis(a):
+    """--analysis recovery: the error-recovery analysis of the tiny regime into <out>/analysis/recovery-<regime>."""
+    import analysis
+    if a.analysis != "recovery" or a.preset != "tiny":
+        raise SystemExit("--analysis: only `recovery`, on the tiny preset")
+    out = Path(a.out or "runs/analysis") / "analysis" / f"recovery-{a.regime}"
+    student, teacher = regime_models(a)
+    result = analysis.recovery(a.student or student, a.teacher or teacher, out, log=print)
+    result["command"], result["date"], result["commit"] = command_line(None), now(), git_commit()
+    (out / "recovery.json").write_text(json.dumps(result, indent=1))
+    print(analysis.table_md(result))
+    return result
 
 
 def output_paths(a, started):
@@ -150,6 +189,8 @@ def main(argv=None):
     a = RArgs(**given)
     if a.preset not in ("tiny", "paper"):
         raise SystemExit("--preset must be tiny or paper")
+    if a.analysis:
+        return run_analysis(a)
     if torch.cuda.is_available() and "preset" not in given:
         print("reproduce.py: a GPU is present, running the TINY preset (minutes). The paper's runs (days on 8 GPUs) "
               "need an explicit --preset paper.", flush=True)
@@ -313,6 +354,119 @@ def ordering(res, n):
     return "\n".join(lines)
 
 
+def per_problem(out, run, seed, bench_names, n):
+    """{(benchmark, problem id): fraction of the n samples correct} of one evaluated run, or None."""
+    d = {}
+    for bench in bench_names:
+        path = out / "runs" / f"{run}-s{seed}" / "eval" / f"{bench}.samples.jsonl"
+        if not path.exists():
+            return None
+        for line in path.read_text().splitlines():
+            s = json.loads(line)
+            d[(bench, s["problem_id"])] = d.get((bench, s["problem_id"]), 0.0) + s["correct"] / n
+    return d
+
+
+def paired(out, run_a, run_b, seeds, bench_names, n, reps=2000):
+    """Macro Avg@n of run_a minus run_b, paired by seed and problem (same data order, sampling and evaluation seeds
+    across methods): (difference, 95% interval low, high, standard error) in points, from a bootstrap that
+    resamples seeds and, within each benchmark, problems. None when a file is missing."""
+    import numpy as np
+    rows = []
+    for seed in seeds:
+        a, b = per_problem(out, run_a, seed, bench_names, n), per_problem(out, run_b, seed, bench_names, n)
+        if a is None or b is None:
+            return None
+        rows.append({k: a[k] - b[k] for k in a})
+    keys = sorted(rows[0])
+    diff = np.array([[r[k] for k in keys] for r in rows])                 # (seeds, problems)
+    groups = [np.array([i for i, k in enumerate(keys) if k[0] == bench]) for bench in bench_names]
+    rng = np.random.default_rng(0)
+    stats = []
+    for _ in range(reps):
+        s = diff[rng.integers(0, len(seeds), len(seeds))]
+        stats.append(np.mean([s[:, g[rng.integers(0, len(g), len(g))]].mean() for g in groups]))
+    stats = np.sort(stats)
+    point = np.mean([diff[:, g].mean() for g in groups])
+    return 100 * point, 100 * stats[int(0.025 * reps)], 100 * stats[int(0.975 * reps) - 1], 100 * np.std(stats)
+
+
+PAIRS = [("scope", "opd"), ("opd", "base"), ("scope", "base"), ("psr", "base")]
+
+
+def paired_table(out, res, runs, bench_names, n):
+    """SCOPE - OPD and each ablation - SCOPE (and the baselines against the untrained student), paired."""
+    pairs = [p for p in PAIRS if p[0] in res and p[1] in res] + [(r, "scope") for r in runs
+                                                               if r.startswith("scope-") and "scope" in res]
+    lines = [f"| comparison | seeds | difference in macro Avg@{n} (points) | 95% interval | smallest detectable "
+             "difference | separated from 0? |", "|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        seeds = sorted(set(res[a]) & set(res[b]))
+        r = paired(out, a, b, seeds, bench_names, n) if len(seeds) >= 2 else None
+        if r is None:
+            continue
+        d, lo, hi, se = r
+        lines.append(f"| {LABELS.get(a, a).lstrip('+ ')} - {LABELS.get(b, b).lstrip('+ ')} | {len(seeds)} | {d:+.1f} | "
+                     f"[{lo:+.1f}, {hi:+.1f}] | {2.8 * se:.1f} | {'yes' if lo > 0 or hi < 0 else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def pass_at_k_table(res, n):
+    """Paper section 2.1: Pass@1 and Pass@k of the untrained student, PSR, OPD and SCOPE (macro, mean over seeds)."""
+    runs = [r for r in ("base", "psr", "opd", "scope") if r in res]
+    ks = metrics.ks_up_to(n)
+    lines = ["| method | " + " | ".join(f"Pass@{k}" for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    for run in runs:
+        lines.append(f"| {LABELS[run]} | " + " | ".join(cell(metric_values(res, run, "average", f"pass@{k}"))
+                                                         for k in ks) + " |")
+    return "\n".join(lines)
+
+
+def recovery_section(out):
+    """The error-recovery analyses found under <out>/analysis/ (paper section 2.2, Fig. 1b)."""
+    import analysis
+    lines = []
+    for path in sorted((out / "analysis").glob("recovery-*/recovery.json")):
+        r = json.loads(path.read_text())
+        regime = path.parent.name.removeprefix("recovery-")
+        d, lo, hi = (100 * x for x in r["q1_minus_q4"])
+        verdict = ("holds (Q1 recovers more than Q4, interval above 0)" if r["premise_holds"] else
+                   "fails (Q1 recovers less than Q4, interval below 0)" if r["premise_fails"] else
+                   "is not supported: the Q1 - Q4 interval contains 0")
+        lines += [f"### Regime `{regime}`", "",
+                  f"`{r.get('command', '')}` ({r.get('date', '')}, code {r.get('commit', '')}): {r['problems']} training "
+                  f"problems x {r['samples']} student rollouts (student accuracy {100 * r['student_accuracy']:.1f}%), "
+                  f"{r['incorrect_scored']} incorrect rollouts scored by the teacher, {r['completions']} teacher "
+                  "completions per cut; recovery rate (%) with 95% bootstrap intervals over rollouts:", "",
+                  analysis.table_md(r), "",
+                  f"Q1 minus Q4, averaged over the four cuts: {d:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}]: "
+                  f"the premise **{verdict}**.", "",
+                  f"![recovery {regime}]({os.path.relpath(path.parent / 'recovery.png', out)})", ""]
+    return lines
+
+
+def study_sections(out, bench_names):
+    """Each regime of the statistical study under <out>/study/<regime>/ (issue #12): main table, paired
+    comparisons, Pass@k."""
+    lines = []
+    for d in sorted(p for p in (out / "study").glob("*") if (p / "runs").exists()):
+        res = load_results(d)
+        if not res:
+            continue
+        runs = [r for r in [*METHODS, *ABLATIONS] if r in res]
+        n = next(iter(next(iter(res.values())).values()))["config"]["n"]
+        limit = next(iter(next(iter(res.values())).values()))["config"]["limit"]
+        log = d / "invocations.jsonl"
+        calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        lines += [f"### Regime `{d.name}`", "",
+                  *[f"- `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])}, code {c.get('commit', '')})" for c in calls],
+                  f"- {limit} test problems per level, {n} samples each; seeds per run: "
+                  + "; ".join(f"{r}: {len(res[r])}" for r in runs), "",
+                  results_table(res, runs, bench_names, n), "", paired_table(d, res, runs, bench_names, n), "",
+                  "Pass@k (paper section 2.1, Fig. 1a):", "", pass_at_k_table(res, n), ""]
+    return lines
+
+
 def paper_table():
     cols = ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench", "average"]
     lines = ["| model (paper, not ours) | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -397,7 +551,8 @@ def plots(out, res, runs, seeds, n):
     axes[0].set(xlabel="step", ylabel="nats / token", title="student NLL of the trained tokens (KD: teacher's)")
     axes[1].set(xlabel="step", ylabel="%", title="eval Avg@k during training")
     for ax in axes:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(pdir / "training_dynamics.png", dpi=110)
     plt.close(fig)
@@ -452,6 +607,16 @@ def write_report(a, out, bench_names):
                   "sign flipped; tau0.5 / tau2: weight temperature; official: the released scripts' recipe (mean-1 "
                   "weights, reversed student weight, token-mean, student log-probs at the sampling temperature).", ""]
     lines += ["## Does the paper's ordering hold here?", "", ordering(res, n), ""]
+    if (out / "analysis").exists():
+        lines += ["## Does the premise hold here? Error recovery (paper section 2.2, Fig. 1b)", "",
+                  *recovery_section(out)]
+    study = study_sections(out, bench_names)
+    if study:
+        lines += ["## Paired study: whole test split, 5 seeds, two regimes (issue #12)", "",
+                  "Differences are paired by seed and problem (every method sees the same data order, rollout seeds "
+                  "and evaluation seeds); intervals from 2000 bootstrap resamples of seeds and, within each level, "
+                  "problems; the smallest detectable difference is 2.8 standard errors (80% power, two-sided 5%).", "",
+                  *study]
     lines += ["## Plots", ""]
     for title, path in plots(out, res, runs, seeds, n).items():
         lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, Path(a.results_md).parent)})", ""]

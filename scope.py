@@ -1100,6 +1100,34 @@ def reward(response, gold, truncated=False):
     return verify_response(response, gold, truncated, extraction="boxed")
 
 
+def math_normalize(s):
+    """The MATH benchmark's answer normalisation, as its string grader applies it (Hendrycks et al. 2021): drop
+    spaces, \\left/\\right, \\!, degrees, dollars, percent, a trailing text unit and a short "x =" prefix;
+    \\dfrac/\\tfrac -> \\frac, \\frac12 -> \\frac{1}{2}, \\sqrt3 -> \\sqrt{3}, a/b -> \\frac{a}{b}, 0.5 -> \\frac{1}{2}, .5 -> 0.5."""
+    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\").replace("tfrac", "frac").replace("dfrac", "frac")
+    s = s.replace("\\left", "").replace("\\right", "").replace("^{\\circ}", "").replace("^\\circ", "")
+    s = s.replace("\\$", "").replace("\\%", "").replace("%", "")
+    s = re.sub(r"\\text\{\s[^{}]*\}$", "", s).strip()                  # "10\text{ cm}"
+    s = re.sub(r"(^|[\s{])\.(\d)", r"\g<1>0.\2", s)                      # .5 -> 0.5
+    if re.fullmatch(r"[a-zA-Z]\s*=.*", s) and len(s.split("=")[0].strip()) <= 2:
+        s = s.split("=", 1)[1]
+    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s).replace(" ", "")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac\{(\d+)\}(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    s = "\\frac{1}{2}" if s == "0.5" else s
+    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
+    return f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}" if m else s
+
+
+def official_reward(response, gold, truncated=False):
+    """The released code's training grader (option --grader official): 1.0 when the last box, normalised by
+    math_normalize, is the same string as the normalised gold. No symbolic equivalence (0.5 = 1/2 only by the rule
+    above; 2/4 != 1/2)."""
+    answer = None if truncated else extract_boxed(response)
+    return float(answer is not None and bool(answer.strip()) and math_normalize(answer) == math_normalize(gold))
+
+
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), from n samples of which c are correct."""
     if not 0 <= c <= n or not 1 <= k <= n:
@@ -1387,7 +1415,11 @@ class Args:
     preset: str = "tiny"
     """tiny: the offline embedded default (builds its own task and models); paper: the paper's models and data"""
     method: str = "scope"
-    """scope | opd | grpo | kd"""
+    """scope | opd | grpo | kd | psr (positive sample reinforcement: uniform MLE on the correct rollouts only, the
+    paper's section 2.1 baseline)"""
+    grader: str = "verify"
+    """training reward: verify (`reward`: the last box, is_equiv) | official (the released code's: exact string
+    match of the last box after the MATH normalisation, `official_reward`)"""
     student: str = ""
     """student model: local path or Hugging Face id; empty builds the tiny student"""
     teacher: str = ""
@@ -1523,7 +1555,8 @@ def resolve(given):
     if preset not in PRESETS:
         raise SystemExit(f"--preset must be one of {list(PRESETS)}, got {preset!r}")
     args = Args(**{**PRESETS[preset], **given})
-    _check_option("method", args.method, ("scope", "opd", "grpo", "kd"))
+    _check_option("method", args.method, ("scope", "opd", "grpo", "kd", "psr"))
+    _check_option("grader", args.grader, ("verify", "official"))
     _check_option("logprob_temperature", args.logprob_temperature, ("one", "sampling"))
     _check_option("dtype", args.dtype, ("float32", "bfloat16"))
     _check_option("rollout_engine", args.rollout_engine, ("hf", "vllm"))
@@ -1722,10 +1755,11 @@ def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, 
     return {k: _pad_cat([o[k] for o in out], k, tokenizer.pad_token_id) for k in out[0]}
 
 
-def verify_rollouts(tokenizer, batch, golds, n, device):
+def verify_rollouts(tokenizer, batch, golds, n, device, grader="verify"):
     """Phase 2: R_i in {0, 1}: the last \\boxed answer equals the gold one, and the response was not cut off."""
     texts = tokenizer.batch_decode(batch["response_ids"] * batch["response_mask"], skip_special_tokens=True)
-    return torch.tensor([reward(texts[i], golds[i // n], bool(batch["truncated"][i])) for i in range(len(texts))],
+    judge = official_reward if grader == "official" else reward
+    return torch.tensor([judge(texts[i], golds[i // n], bool(batch["truncated"][i])) for i in range(len(texts))],
                         device=device)                                # (B*n,)
 
 
@@ -1737,6 +1771,8 @@ def method_loss(args, logp, part, w, adv, logp_teacher, logp_ref, counts):
         return scope_loss(logp, logp_old, logp_teacher, mask, rewards, w, groups, args.loss_agg, counts)
     if args.method == "opd":
         return opd_loss(logp, logp_old, logp_teacher, mask, groups, args.loss_agg, counts, weights=w)
+    if args.method == "psr":                                          # eq. 2 only: the teacher path is zero (T = s)
+        return scope_loss(logp, logp_old, logp_old, mask, rewards, w, groups, args.loss_agg, counts)
     if args.method == "grpo":
         ref = logp_ref if logp_ref is not None else logp_old
         return grpo_loss(logp, logp_old, ref, mask, adv, args.grpo_clip, args.grpo_kl_coef, counts)
@@ -1756,7 +1792,7 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
     if args.method == "scope":                                        # eq. 4-5 from pi_old: the sampler's log-probs
         w = scope_weights(batch["logp_sampler"], logp_teacher, mask, groups, rewards, args.tau, args.weight_norm,
                           args.student_weight, args.teacher_weight)
-    elif args.method == "opd":
+    elif args.method in ("opd", "psr"):
         w = uniform_weights(groups, args.loss_agg)
     elif args.method == "grpo":
         adv = grpo_advantages(rewards, groups)
@@ -1898,7 +1934,8 @@ def train(args):
         t = {"time/generate": time.time()}
         batch = sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache, engine)  # 1.
         t["time/verify"] = time.time()
-        batch["rewards"] = verify_rollouts(tokenizer, batch, [rows[idx[j]]["answer"] for j in my], n, rt.device)  # 2.
+        batch["rewards"] = verify_rollouts(tokenizer, batch, [rows[idx[j]]["answer"] for j in my], n, rt.device,
+                                           args.grader)  # 2.
         batch["groups"] = torch.tensor(my, device=rt.device).repeat_interleave(n)   # (B*n,) one id per global prompt
         t["time/score"] = time.time()                                 # 3. teacher T_it / GRPO reference (no grad)
         logp_teacher = (score_logprobs(teacher, batch, batch["groups"], args.score_tokens)

@@ -96,10 +96,16 @@ class TinyModel:
     sft_batch: int = 64
     warmup: int = 30
     cosine: bool = False      # decay the lr to 10% over the run (after warm-up)
+    weak_level: str = ""      # a level this model sees little of in SFT (the second regime's teacher; issue #12)
+    weak_keep: float = 1.0    # the fraction of that level's SFT problems it keeps
 
 
 TINY_TEACHER = TinyModel(hidden=192, layers=4, heads=6, sft_steps=380, sft_lr=2e-3, cosine=True)
 TINY_STUDENT = TinyModel(hidden=96, layers=3, heads=4, sft_steps=280, sft_lr=3e-3)
+# The second regime (README, "two regimes"): the same teacher trained on 2% of the add5 problems, so it is unsure
+# (high perplexity) and unreliable exactly there and reliable elsewhere.
+WEAK_TEACHER = dataclasses.replace(TINY_TEACHER, weak_level="add5", weak_keep=0.02)
+REGIMES = {"default": TINY_TEACHER, "weak-add5": WEAK_TEACHER}
 
 
 def tiny_model_config(spec, tokenizer):
@@ -180,7 +186,10 @@ def _key(teacher, student, seed, threads):
     """The cache key: everything the built weights depend on. The thread count is part of it: a build with 2 torch
     threads sums in another order than one with 1 and trains different models (measured: the student's Avg@4 was
     39.5% built with 2 threads and 27.3% with 1)."""
-    blob = json.dumps([dataclasses.asdict(teacher), dataclasses.asdict(student), seed, TINY_LEVELS, threads, "tiny-v3"])
+    def spec(m):                                               # default-valued new fields leave old keys unchanged
+        return {k: v for k, v in dataclasses.asdict(m).items() if k not in ("weak_level", "weak_keep") or
+                v != {"weak_level": "", "weak_keep": 1.0}[k]}
+    blob = json.dumps([spec(teacher), spec(student), seed, TINY_LEVELS, threads, "tiny-v3"])
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -259,7 +268,8 @@ def _build(root, teacher, student, seed, log, threads, status_path):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(tiny_model_config(spec, tokenizer))
             every = max(1, spec.sft_steps // 20)
-            sft(model, tokenizer, rows, spec, seed, f"building tiny {name}",
+            keep = [r for i, r in enumerate(rows) if r["level"] != spec.weak_level or i % 1000 < 1000 * spec.weak_keep]
+            sft(model, tokenizer, keep, spec, seed, f"building tiny {name}",
                 lambda s: s % every == 0 and status(f"{name}: SFT step {s}/{spec.sft_steps}"))
             model.save_pretrained(work / name)
             tokenizer.save_pretrained(work / name)

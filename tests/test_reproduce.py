@@ -90,3 +90,55 @@ def test_each_invocation_gets_a_fresh_directory_unless_one_is_named():
     assert reproduce.output_paths(named, 0.0) == (Path("results"), Path("RESULTS.md"))
     with pytest.raises(SystemExit, match="--report-only rebuilds a report from existing runs"):
         reproduce.output_paths(reproduce.RArgs(report_only=True), 0.0)
+
+
+def test_study_paths_paired_table_pass_at_k_and_recovery_at_smoke_size(micro_models, tmp_path):
+    """Issue #12 code paths at smoke size: PSR and two seeds in a study directory (paired comparisons, Pass@k), the
+    error-recovery analysis, and the report that gathers them. Smoke numbers say nothing about the method."""
+    import json
+    import analysis
+    student, teacher = micro_models
+    study = tmp_path / "results" / "study" / "default"
+    reproduce.main(["--smoke", "--student", student, "--teacher", teacher, "--out", str(study), "--seeds", "0,1",
+                    "--methods", "base,psr,opd,scope", "--ablations", "--ablation-runs", "scope-no_teacher_w"])
+    r = analysis.recovery(student, teacher, tmp_path / "results" / "analysis" / "recovery-default", problems=8,
+                          samples=2, max_incorrect=8, completions=2, log=lambda *a: None)
+    assert set(r["quartiles"]) == {"Q1", "Q2", "Q3", "Q4"} and len(r["q1_minus_q4"]) == 3
+    for q in r["quartiles"].values():
+        assert all(0 <= q[f"{c}%"][0] <= 1 for c in (20, 40, 60, 80))
+    reproduce.main(["--smoke", "--student", student, "--teacher", teacher, "--out", str(study), "--seeds", "0",
+                    "--methods", "scope", "--results-md", str(tmp_path / "unused.md")])        # nothing to redo
+    (tmp_path / "results" / "runs" / "base-s0" / "eval").mkdir(parents=True)                # a main table to sit beside
+    (tmp_path / "results" / "runs" / "base-s0" / "eval" / "results.json").write_text(
+        (study / "runs" / "base-s0" / "eval" / "results.json").read_text())
+    reproduce.main(["--out", str(tmp_path / "results"), "--results-md", str(tmp_path / "R.md"), "--report-only"])
+    md = (tmp_path / "R.md").read_text()
+    assert "## Does the premise hold here?" in md and "### Regime `default`" in md
+    assert "| SCOPE - OPD | 2 |" in md and "| no_teacher_w - SCOPE |" in md.replace("scope-no_teacher_w", "no_teacher_w")
+    assert "| + PSR (correct rollouts only) |" in md and "Pass@1 | Pass@2" in md
+    d = reproduce.paired(study, "scope", "opd", [0, 1], [f"tiny-{lv}" for lv in ("add3", "add4", "add5", "frac")], 2)
+    assert d[1] <= d[0] <= d[2] and d[3] >= 0
+
+
+def test_paired_bootstrap_finds_a_planted_difference(tmp_path):
+    """paired(): run a is run b except that it solves every 5th problem outright in every seed: the difference is
+    that planted amount and its interval excludes 0; a copy of b differs from b by exactly 0."""
+    import json
+    import random
+    planted = []
+    for seed in range(5):
+        rng = random.Random(seed)
+        rows = {"a": [], "b": []}
+        for pid in range(200):
+            b_ok = [rng.random() < 0.5 for _ in range(2)]
+            a_ok = [True, True] if pid % 5 == 0 else b_ok
+            planted.append((sum(a_ok) - sum(b_ok)) / 2)
+            for run, ok in (("a", a_ok), ("b", b_ok)):
+                rows[run] += [json.dumps({"problem_id": pid, "sample": j, "correct": o}) for j, o in enumerate(ok)]
+        for run in ("a", "b", "c"):
+            d = tmp_path / "runs" / f"{run}-s{seed}" / "eval"
+            d.mkdir(parents=True)
+            (d / "x.samples.jsonl").write_text("\n".join(rows["b" if run == "c" else run]) + "\n")
+    assert reproduce.paired(tmp_path, "c", "b", list(range(5)), ["x"], 2)[:3] == (0.0, 0.0, 0.0)
+    d, lo, hi, se = reproduce.paired(tmp_path, "a", "b", list(range(5)), ["x"], 2)
+    assert abs(d - 100 * sum(planted) / len(planted)) < 1e-9 and 0 < lo <= d <= hi and se > 0

@@ -133,7 +133,7 @@ def test_help_comes_from_the_dataclass():
 
 
 # ---------------------------------------------------------------------------- the loop, every method
-@pytest.mark.parametrize("method", ["scope", "opd", "grpo", "kd"])
+@pytest.mark.parametrize("method", ["scope", "opd", "grpo", "kd", "psr"])
 def test_each_method_runs_and_logs_finite_metrics(micro_models, tmp_path, method, capsys):
     scope.train(run_args(micro_models, tmp_path, method=method, eval_every=2, eval_problems=8, eval_k=2))
     assert "memory plan per rank, 1 ranks (estimate)" in capsys.readouterr().out      # printed before step 1

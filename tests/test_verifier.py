@@ -255,3 +255,15 @@ def test_evaluation_answer_is_bounded_on_hostile_text():
         t0 = time.monotonic()
         scope.verify_response(text, "1")
         assert time.monotonic() - t0 < 2.0
+
+
+def test_official_grader_is_a_string_match_after_math_normalisation():
+    """--grader official (the released code's training grader): normalised strings must be identical."""
+    assert scope.official_reward("so \\boxed{\\frac12}", "1/2") == 1.0
+    assert scope.official_reward("so \\boxed{0.5}", "\\frac{1}{2}") == 1.0       # the one decimal rule it has
+    assert scope.official_reward("so \\boxed{2/4}", "1/2") == 0.0                # no equivalence beyond strings
+    assert scope.official_reward("so \\boxed{x = 5}", "5") == 1.0
+    assert scope.official_reward("so \\boxed{10\\%}", "10") == 1.0
+    assert scope.official_reward("The answer is 5", "5") == 0.0                  # boxed only
+    assert scope.official_reward("so \\boxed{5}", "5", truncated=True) == 0.0
+    assert scope.is_equiv("2/4", "1/2")                                           # the default grader: equivalence
