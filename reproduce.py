@@ -299,7 +299,19 @@ def metric_values(res, run, bench, key):
     return out
 
 
-def results_table(res, runs, bench_names, n):
+def run_label(run, out=None):
+    """The table label; ablations that change sampling or grading say so, read from their training config."""
+    label = LABELS.get(run, run)
+    cfgs = sorted(out.glob(f"runs/{run}-s*/config.json")) if out is not None and run.startswith("scope-") else []
+    if cfgs:
+        c = json.loads(cfgs[0].read_text())
+        notes = ([f"T {c['temperature']:g}"] if c["temperature"] != 1.0 else []) + (
+            [f"{c['grader']} grader"] if c.get("grader", "verify") != "verify" else [])
+        label += f" ({', '.join(notes)})" if notes else ""
+    return label
+
+
+def results_table(res, runs, bench_names, n, out=None):
     cols = bench_names + ["average"]
     head = "| method | " + " | ".join(f"{c} Avg@{n} / Pass@{n}" for c in cols) + " |"
     lines = [head, "|---" * (len(cols) + 1) + "|"]
@@ -308,7 +320,7 @@ def results_table(res, runs, bench_names, n):
             continue
         cells = [f"{cell(metric_values(res, run, c, f'avg@{n}'))} / {cell(metric_values(res, run, c, f'pass@{n}'))}"
                  for c in cols]
-        lines.append(f"| {LABELS.get(run, run)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run_label(run, out)} | " + " | ".join(cells) + " |")
     if "scope" in res and "opd" in res:
         deltas = []
         for c in cols:
@@ -462,7 +474,7 @@ def study_sections(out, bench_names):
                   *[f"- `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])}, code {c.get('commit', '')})" for c in calls],
                   f"- {limit} test problems per level, {n} samples each; seeds per run: "
                   + "; ".join(f"{r}: {len(res[r])}" for r in runs), "",
-                  results_table(res, runs, bench_names, n), "", paired_table(d, res, runs, bench_names, n), "",
+                  results_table(res, runs, bench_names, n, d), "", paired_table(d, res, runs, bench_names, n), "",
                   "Pass@k (paper section 2.1, Fig. 1a):", "", pass_at_k_table(res, n), ""]
     return lines
 
@@ -602,10 +614,12 @@ def write_report(a, out, bench_names):
                   paper_table(), ""]
     abl = [r for r in runs if r.startswith("scope-")]
     if abl:
-        lines += ["## SCOPE ablations", "", results_table(res, ["scope"] + abl, bench_names, n), "",
+        lines += ["## SCOPE ablations", "", results_table(res, ["scope"] + abl, bench_names, n, out), "",
                   "no_teacher_w / no_student_w: that path's weights uniform; uniform: both; reversed_*: the exponent's "
                   "sign flipped; tau0.5 / tau2: weight temperature; official: the released scripts' recipe (mean-1 "
-                  "weights, reversed student weight, token-mean, student log-probs at the sampling temperature).", ""]
+                  "weights, reversed student weight, token-mean, student log-probs at the sampling temperature); a label "
+                  "in brackets gives a run's sampling temperature and grader where they are not the defaults (T 1, "
+                  "is_equiv).", ""]
     lines += ["## Does the paper's ordering hold here?", "", ordering(res, n), ""]
     if (out / "analysis").exists():
         lines += ["## Does the premise hold here? Error recovery (paper section 2.2, Fig. 1b)", "",

@@ -1103,7 +1103,8 @@ def reward(response, gold, truncated=False):
 def math_normalize(s):
     """The MATH benchmark's answer normalisation, as its string grader applies it (Hendrycks et al. 2021): drop
     spaces, \\left/\\right, \\!, degrees, dollars, percent, a trailing text unit and a short "x =" prefix;
-    \\dfrac/\\tfrac -> \\frac, \\frac12 -> \\frac{1}{2}, \\sqrt3 -> \\sqrt{3}, a/b -> \\frac{a}{b}, 0.5 -> \\frac{1}{2}, .5 -> 0.5."""
+    \\dfrac/\\tfrac -> \\frac, \\frac12 -> \\frac{1}{2}, \\sqrt3 -> \\sqrt{3}, a/b -> \\frac{a}{b},
+    0.5 -> \\frac{1}{2}, .5 -> 0.5."""
     s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\").replace("tfrac", "frac").replace("dfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "").replace("^{\\circ}", "").replace("^\\circ", "")
     s = s.replace("\\$", "").replace("\\%", "").replace("%", "")
@@ -1261,7 +1262,8 @@ class VLLMRollouts:
     @torch.no_grad()
     def push_weights(self, student):
         """The student's weights into the sleeping engine, then wake it (order: weights, load, KV cache)."""
-        tied = {k for k, _ in student.named_parameters(remove_duplicate=False)} - {k for k, _ in student.named_parameters()}
+        named = dict(student.named_parameters())
+        tied = {k for k, _ in student.named_parameters(remove_duplicate=False)} - set(named)
 
         def weights():                                                # FSDP2: each rank gathers one tensor at a time
             for name, t in student.state_dict().items():
