@@ -248,6 +248,8 @@ def main(argv=None):
             say(f"  evaluation done earlier: {run_dir / 'eval' / 'results.json'}")
         else:
             evaluate(eargs, progress=master, rank=rank, world=world)
+            if master:
+                write_per_problem(run_dir / "eval", bench_names)
         if ddp:
             dist.barrier()                            # everyone has finished: eval waited on the files
         done_phases += 1
@@ -366,17 +368,31 @@ def ordering(res, n):
     return "\n".join(lines)
 
 
-def per_problem(out, run, seed, bench_names, n):
-    """{(benchmark, problem id): fraction of the n samples correct} of one evaluated run, or None."""
-    d = {}
+def write_per_problem(eval_dir, bench_names):
+    """eval/per_problem.json: {benchmark: {problem id: samples correct}}, the compact form of the per-sample files
+    (which are not committed) that the paired statistics need."""
+    counts = {}
     for bench in bench_names:
-        path = out / "runs" / f"{run}-s{seed}" / "eval" / f"{bench}.samples.jsonl"
+        path = Path(eval_dir) / f"{bench}.samples.jsonl"
         if not path.exists():
-            return None
+            return
         for line in path.read_text().splitlines():
             s = json.loads(line)
-            d[(bench, s["problem_id"])] = d.get((bench, s["problem_id"]), 0.0) + s["correct"] / n
-    return d
+            counts.setdefault(bench, {})[s["problem_id"]] = counts.get(bench, {}).get(s["problem_id"], 0) + s["correct"]
+    (Path(eval_dir) / "per_problem.json").write_text(json.dumps(counts, sort_keys=True))
+
+
+def per_problem(out, run, seed, bench_names, n):
+    """{(benchmark, problem id): fraction of the n samples correct} of one evaluated run, or None."""
+    ev = out / "runs" / f"{run}-s{seed}" / "eval"
+    if not (ev / "per_problem.json").exists():
+        write_per_problem(ev, bench_names)
+    if not (ev / "per_problem.json").exists():
+        return None
+    counts = json.loads((ev / "per_problem.json").read_text())
+    if not all(b in counts for b in bench_names):
+        return None
+    return {(b, pid): c / n for b in bench_names for pid, c in counts[b].items()}
 
 
 def paired(out, run_a, run_b, seeds, bench_names, n, reps=2000):
@@ -454,6 +470,42 @@ def recovery_section(out):
                   f"Q1 minus Q4, averaged over the four cuts: {d:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}]: "
                   f"the premise **{verdict}**.", "",
                   f"![recovery {regime}]({os.path.relpath(path.parent / 'recovery.png', out)})", ""]
+    return lines
+
+
+def study_answers(out, bench_names):
+    """Issue #12's questions, answered per regime from the result files: premise, SCOPE vs OPD, weight directions."""
+    lines = []
+    for d in sorted(p for p in (out / "study").glob("*") if (p / "runs").exists()):
+        res = load_results(d)
+        if "scope" not in res:
+            continue
+        n = next(iter(res["scope"].values()))["config"]["n"]
+        rec = out / "analysis" / f"recovery-{d.name}" / "recovery.json"
+        lines.append(f"- **Regime `{d.name}`**")
+        if rec.exists():
+            r = json.loads(rec.read_text())
+            q = [100 * x for x in r["q1_minus_q4"]]
+            lines.append(f"  - Premise (low teacher perplexity predicts recovery): "
+                         f"{'holds' if r['premise_holds'] else 'fails' if r['premise_fails'] else 'not supported'}"
+                         f" (Q1 - Q4 recovery {q[0]:+.1f} points, 95% interval [{q[1]:+.1f}, {q[2]:+.1f}]).")
+
+        def diff(a, b):
+            seeds = sorted(set(res.get(a, {})) & set(res.get(b, {})))
+            return paired(d, a, b, seeds, bench_names, n) if len(seeds) >= 2 else None
+
+        def say(r):
+            return (f"{r[0]:+.1f} points [{r[1]:+.1f}, {r[2]:+.1f}], "
+                    + ("separated from 0" if r[1] > 0 or r[2] < 0 else "not separated from 0"))
+        r = diff("scope", "opd")
+        if r:
+            lines.append(f"  - SCOPE - OPD, macro Avg@{n}: {say(r)}.")
+        for path in ("teacher", "student"):
+            parts = [f"{kind} {say(r)}" for kind, run in (("uniform", f"scope-no_{path}_w"),
+                                                          ("reversed", f"scope-reversed_{path}_w"))
+                     if (r := diff(run, "scope"))]
+            if parts:
+                lines.append(f"  - The paper's {path} weight against (ablation - SCOPE): " + "; ".join(parts) + ".")
     return lines
 
 
@@ -626,6 +678,8 @@ def write_report(a, out, bench_names):
                   *recovery_section(out)]
     study = study_sections(out, bench_names)
     if study:
+        lines += ["## The questions of issue #12, answered from the files", "",
+                  *study_answers(out, bench_names), ""]
         lines += ["## Paired study: whole test split, 5 seeds, two regimes (issue #12)", "",
                   "Differences are paired by seed and problem (every method sees the same data order, rollout seeds "
                   "and evaluation seeds); intervals from 2000 bootstrap resamples of seeds and, within each level, "

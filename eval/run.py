@@ -289,6 +289,8 @@ def main(argv=None):
     if rank == 0:
         print(table(results))
         print(f"results: {Path(args.out_dir) / 'results.json'}")
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
