@@ -952,8 +952,8 @@ def _is_name(s):
 
 
 def _value_of(s):
-    """The value an answer states: the last member of a chain a = b = c; an approximation dropped (x = 1/3 \approx
-    0.33 -> x = 1/3; y \approx 11 -> y = 11; \frac{\sqrt3}{3} \approx 0.577 -> \frac{\sqrt3}{3})."""
+    """The value an answer states: the last member of a chain a = b = c; an approximation dropped (x = 1/3 \\approx
+    0.33 -> x = 1/3; y \\approx 11 -> y = 11; \\frac{\\sqrt3}{3} \\approx 0.577 -> \\frac{\\sqrt3}{3})."""
     if "\\approx" in s:
         left, right = s.split("\\approx", 1)
         s = left if "=" in left or not _is_name(left.strip()) else f"{left}={right}"
@@ -964,7 +964,7 @@ def _value_of(s):
 
 
 def _drop_names(s):
-    """'x = 5' -> '5', '(p,q) = (3,2)' -> '(3,2)', 'x \in [0,7)' -> '[0,7)', item by item in a list."""
+    """'x = 5' -> '5', '(p,q) = (3,2)' -> '(3,2)', 'x \\in [0,7)' -> '[0,7)', item by item in a list."""
     items = _split_top(s, [",", ";"]) if not (s[:1] in "([{" and _balanced(s[1:-1])) else [s]
     out = []
     for item in items:
