@@ -1262,8 +1262,7 @@ class VLLMRollouts:
     @torch.no_grad()
     def push_weights(self, student):
         """The student's weights into the sleeping engine, then wake it (order: weights, load, KV cache)."""
-        named = dict(student.named_parameters())
-        tied = {k for k, _ in student.named_parameters(remove_duplicate=False)} - set(named)
+        tied = tied_names(student)
 
         def weights():                                                # FSDP2: each rank gathers one tensor at a time
             for name, t in student.state_dict().items():
@@ -1837,6 +1836,11 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
             "_gap": sum(gap) if args.method != "kd" else math.nan}
 
 
+def tied_names(model):
+    """Parameter names that alias another parameter (a tied output layer: lm_head.weight = embed_tokens.weight)."""
+    return {k for k, _ in model.named_parameters(remove_duplicate=False)} - {k for k, _ in model.named_parameters()}
+
+
 def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
     """Atomic: everything goes to checkpoint.tmp, which then replaces checkpoint in one rename. Model and optimizer
     state are gathered to rank 0 (full state dicts, so the directory is a plain Hugging Face model for eval)."""
@@ -1849,7 +1853,7 @@ def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
         tmp.mkdir(parents=True)
     barrier()
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    tied = {k for k, _ in model.named_parameters(remove_duplicate=False)} - {k for k, _ in model.named_parameters()}
+    tied = tied_names(model)
     msd = {k: v for k, v in msd.items() if k not in tied}             # e.g. lm_head.weight = embed_tokens.weight
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rt.rank}.pt")
     if rt.rank == 0:

@@ -32,3 +32,16 @@ def micro_models(tmp_path_factory):
     student, teacher = tiny_testbed.build_tiny_models(cache, MICRO_TEACHER, MICRO_STUDENT, seed=0, log=lambda *a: None)
     return str(student), str(teacher)
 
+
+@pytest.fixture
+def no_vllm(monkeypatch):
+    """vllm cannot be imported (as on a machine without it), whatever this machine has installed."""
+    import builtins
+    real_import = builtins.__import__
+
+    def blocked(name, *args, **kw):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", blocked)

@@ -182,16 +182,7 @@ def test_end_to_end_tiny_model(micro_models, tmp_path, capsys):
     assert "| tiny |" in capsys.readouterr().out
 
 
-def test_vllm_backend_missing_is_a_clear_error(tmp_path, monkeypatch):
-    import builtins
-    real_import = builtins.__import__
-
-    def no_vllm(name, *args, **kw):
-        if name == "vllm" or name.startswith("vllm."):
-            raise ImportError("No module named 'vllm'")
-        return real_import(name, *args, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_vllm)
+def test_vllm_backend_missing_is_a_clear_error(tmp_path, no_vllm):
     args = EvalArgs(model="some/model", preset="tiny", backend="vllm", limit=2, n=2, out_dir=str(tmp_path))
     with pytest.raises(SystemExit, match="vllm backend needs vllm"):
         evaluate(args, progress=False)

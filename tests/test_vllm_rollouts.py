@@ -3,8 +3,6 @@ implements exactly the vLLM API surface the engine calls, with generation delega
 the engine's calls, its sleep/wake/sync order and its bookkeeping; they do not prove vLLM's own behaviour (names:
 bench/vllm_api_check.py; behaviour: bench/gpu_check.py on a GPU)."""
 
-import builtins
-
 import pytest
 import torch
 
@@ -89,15 +87,7 @@ def test_sampler_gap_over_the_threshold_stops_the_run(micro_models, tmp_path, mo
         scope.train(run_args(micro_models, tmp_path, rollout_engine="vllm", steps=1, max_sampler_gap=1e-9))
 
 
-def test_missing_vllm_is_a_clear_error(micro_models, tmp_path, monkeypatch):
-    real = builtins.__import__
-
-    def no_vllm(name, *a, **kw):
-        if name == "vllm" or name.startswith("vllm."):
-            raise ImportError("No module named 'vllm'")
-        return real(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_vllm)
+def test_missing_vllm_is_a_clear_error(micro_models, tmp_path, no_vllm):
     with pytest.raises(SystemExit, match="--rollout_engine vllm needs vllm"):
         scope.train(run_args(micro_models, tmp_path, rollout_engine="vllm", steps=1))
 
