@@ -991,66 +991,10 @@ def _interval(rel, deadline):
     return ("seq", left + right, [("expr", lo), ("expr", hi)])
 
 
-_ANSWER_RE = re.compile(r"(?:answer|答案)\s*(?:is|是|:|：|=)?\s*[:：]?\s*", re.I)
-_MATH_RE = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\(([^\n]+?)\\\)|(?<![\\$])\$([^$\n]+?)(?<!\\)\$", re.S)
-_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-
-
-def _span(m):
-    return next(g for g in m.groups() if g is not None).strip()
-
-
-def _has_prose(text):
-    """A word of 4+ letters outside LaTeX commands and their {arguments}: sentences, not a bare answer."""
-    text = re.sub(r"\\[a-zA-Z]+(?:\s*\{[^{}]*\})?", "", text)
-    return bool(re.search(r"(?<!\\)\b[a-zA-Z]{4,}\b|[\u3040-\u30ff\u4e00-\u9fff]", text))   # or CJK text
-
-
-def evaluation_answer(text):
-    """The final answer of a response, found the way community evaluation harnesses do (README: verifier policy):
-    1. the last \\boxed{} / \\fbox{} / \\framebox{};  2. a short response with no prose is the answer itself;
-    3. the first sentence after the last "answer is" / "answer:" (its closing math span, or what follows its last
-    " is ");  4. the last display or inline math span;  5. the last number. Training does not use this: its reward
-    needs a box (`reward`). -> str or None."""
-    if not isinstance(text, str):
-        return None
-    boxed = extract_boxed(text)
-    if boxed is not None:
-        return boxed
-    bare = text.strip().strip("$").strip()
-    if len(bare) <= MAX_ANSWER_CHARS and not _has_prose(bare):
-        return bare                                               # "x^2+2x+1", "\frac{1}{2}", "1 000"
-    tail = text[-4 * MAX_ANSWER_CHARS:]                           # the answer sits at the end; bounds the regexes
-    cue = None
-    for cue in _ANSWER_RE.finditer(tail):
-        pass
-    if cue is not None:
-        first = _MATH_RE.match(tail[cue.end():].lstrip())
-        if first:
-            return _span(first)                                   # "Answer \\[ 9 \\]"
-        line = re.split(r"\n|\.\s|\.$", tail[cue.end():].strip(), maxsplit=1)[0].strip()
-        spans = list(_MATH_RE.finditer(line))
-        if spans and not line[spans[-1].end():].strip(" .,;:"):
-            return _span(spans[-1])                               # "The final answer is $28\%$"
-        if " is " in line:
-            return line.rsplit(" is ", 1)[1].strip(" .$")         # "The largest $n$ is 34"
-        if spans:
-            return _span(spans[-1])
-        if line and not re.search(r"\w", line):
-            return None                                           # a cue followed by nothing readable
-        if line and len(line) < 80:
-            return line
-    spans = list(_MATH_RE.finditer(tail))
-    if spans:
-        return _span(spans[-1])
-    numbers = _NUMBER_RE.findall(tail)
-    return numbers[-1] if numbers else None
-
-
 _LIST_GLUE_RE = re.compile(r"(?:[\s,;$.]|\\quad|\\qquad|\\[()\[\]]|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b)*")
 
 
-def _box_list(text):
+def box_list(text):
     """The boxes of text read as one list: the last run of boxes joined only by commas, "and", "or", spacing or
     math delimiters (prose between two boxes ends the run). -> list of contents (empty: no box)."""
     run, prev_end = [], None
@@ -1064,25 +1008,13 @@ def _box_list(text):
     return run
 
 
-def gold_answer(gold):
-    """A gold answer as stored: its boxes (several, side by side: one list) or its $...$ / \\( \\) / \\[ \\] removed."""
-    gold = gold.strip()
-    boxes = _box_list(gold)
-    if boxes:
-        return ", ".join(boxes)
-    if _has_prose(gold) and len(gold) > 200:                      # a worked solution, not an answer
-        return evaluation_answer(gold) or gold
-    return re.sub(r"\$|\\\(|\\\)|\\\[|\\\]", " ", gold).strip()
-
-
-def verify_response(response, gold, truncated=False, extraction="lenient"):
-    """1.0 if the response's final answer equals gold. extraction: "boxed" (training: the last box only) or
-    "lenient" (evaluation: evaluation_answer). Several boxes: the last one, or, when the gold is a list of k
-    items, the last k boxes read as that list. A response cut at the length limit scores 0."""
+def verify_response(response, gold, truncated=False, extract=None):
+    """1.0 if the response's final answer, extract(response) (default: the last box, as training reads it), equals
+    gold. Several boxes: the last one, or, when the gold is a list of k items, the last k boxes read as that list.
+    A response cut at the length limit scores 0. (Evaluation's lenient extraction: eval/extract.py.)"""
     if truncated or not isinstance(response, str) or not isinstance(gold, str):
         return 0.0
-    gold = gold_answer(gold)
-    answer = extract_boxed(response) if extraction == "boxed" else evaluation_answer(response)
+    answer = (extract or extract_boxed)(response)
     if answer is None or not answer.strip():
         return 0.0
     if is_equiv(answer, gold):
@@ -1090,14 +1022,14 @@ def verify_response(response, gold, truncated=False, extraction="lenient"):
     g = _normalize(gold)[0] if len(gold) <= MAX_ANSWER_CHARS else ""
     g = g[2:-2] if g.startswith("\\{") and g.endswith("\\}") else g[1:-1] if g[:1] == "{" and g[-1:] == "}" else g
     k = len(_split_top(g, [",", ";"]))
-    boxes = _box_list(response[-4 * MAX_ANSWER_CHARS:])
+    boxes = box_list(response[-4 * MAX_ANSWER_CHARS:])
     return float(1 < k <= len(boxes) and is_equiv(", ".join(boxes[-k:]), gold))
 
 
 def reward(response, gold, truncated=False):
     """Training reward (spec section 1): 1.0 if the last \\boxed answer equals gold, else 0.0. A response cut
     at the length limit, with no box, or with an empty box scores 0 (boxed-only: README, verifier policy)."""
-    return verify_response(response, gold, truncated, extraction="boxed")
+    return verify_response(response, gold, truncated)
 
 
 def math_normalize(s):

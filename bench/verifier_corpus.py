@@ -5,7 +5,7 @@ the same cases when it is importable (a developer's comparison, not a dependency
     python bench/verifier_corpus.py            # summary table
     python bench/verifier_corpus.py --misses   # also every case the verifier gets wrong
 
-Each case is judged as the evaluation judges a response: scope.evaluation_answer(pred) finds the final answer (the
+Each case is judged as the evaluation judges a response: eval.extract.evaluation_answer(pred) finds the final answer (the
 last box, else "final answer is ...", else the last math span, else the last number), and scope.is_equiv compares
 it with the gold answer (its own box / $...$ removed). Accuracy is against the project's label (`label`, which
 equals the upstream label except where README, "verifier policy", says otherwise); the upstream-label figures are
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import scope  # noqa: E402
+from eval import extract  # noqa: E402
 
 CORPUS = ROOT / "tests" / "verifier_corpus.jsonl"
 
@@ -31,7 +31,7 @@ def load():
 
 
 def scope_judge(gold, pred):
-    return scope.verify_response(pred, gold)
+    return extract.verify(pred, gold)
 
 
 def math_verify_judge():

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import scope
-from eval import benchmarks, metrics
+from eval import benchmarks, extract, metrics
 
 PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -55,7 +55,7 @@ class EvalArgs:
     """float32 | bfloat16"""
     extraction: str = ""
     """lenient: the final answer as community harnesses find it (last box, else "answer is ...", last math span,
-    last number; scope.evaluation_answer); boxed: the last box only, as training rewards it (empty: the preset's,
+    last number; eval/extract.py); boxed: the last box only, as training rewards it (empty: the preset's,
     lenient for paper, boxed for tiny)"""
 
 
@@ -195,8 +195,8 @@ def evaluate(args, generator=None, progress=True, rank=0, world=1):
                 for r, res in zip(chunk, generator(name, chunk, args.n)):
                     for j, (text, truncated) in enumerate(res):
                         rec = {"problem_id": r["id"], "sample": j, "response": text, "extracted": scope.extract_boxed(text),
-                               "answer": scope.evaluation_answer(text) if args.extraction == "lenient" else None,
-                               "correct": bool(scope.verify_response(text, r["answer"], truncated, args.extraction)),
+                               "answer": extract.evaluation_answer(text) if args.extraction == "lenient" else None,
+                               "correct": bool(extract.verify(text, r["answer"], truncated, args.extraction)),
                                "truncated": truncated}
                         f.write(json.dumps(rec) + "\n")
                 f.flush()

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import scope
+from eval import extract
 from conftest import SHARED_BENCHMARKS
 from verifier_cases import CASES
 
@@ -199,7 +200,7 @@ def test_corpus_cases_name_their_source_and_any_policy_difference():
 def test_corpus_scores_stay_at_their_measured_level():
     """REGRESSION CHECK, not an independent estimate: the verifier was extended while looking at this corpus's
     misses (README, verifier policy). Balanced accuracy >= 92% and false accepts <= 2% on the project's labels."""
-    got = [scope.verify_response(c["pred"], c["gold"]) == 1.0 for c in CORPUS]
+    got = [extract.verify(c["pred"], c["gold"]) == 1.0 for c in CORPUS]
     label = [c.get("label", c["upstream"]) for c in CORPUS]
     pos = [g for g, lab in zip(got, label) if lab]
     neg = [g for g, lab in zip(got, label) if not lab]
@@ -219,14 +220,14 @@ def test_corpus_scores_stay_at_their_measured_level():
     ("no digits or math appear anywhere in this sentence", None),
 ])
 def test_evaluation_answer_order(text, expected):
-    assert scope.evaluation_answer(text) == expected
+    assert extract.evaluation_answer(text) == expected
 
 
 def test_training_reward_is_boxed_only_and_evaluation_is_lenient():
     unboxed = "We compute carefully and conclude. The answer is 5."
     assert scope.reward(unboxed, "5") == 0.0                                   # training: a box is required
-    assert scope.verify_response(unboxed, "5") == 1.0                          # evaluation: found as harnesses do
-    assert scope.verify_response(unboxed, "5", extraction="boxed") == 0.0
+    assert extract.verify(unboxed, "5") == 1.0                          # evaluation: found as harnesses do
+    assert extract.verify(unboxed, "5", extraction="boxed") == 0.0
     assert scope.reward("Solutions: \\boxed{1} and \\boxed{2}", "1, 2") == 1.0  # boxes side by side: one list
     assert scope.reward("We get \\boxed{1}, which fails; so it is \\boxed{2}", "1, 2") == 0.0   # prose between
     assert scope.reward("\\boxed{2}", "$\\boxed{1} and \\boxed{2}$") == 0.0    # a gold list needs every item
@@ -253,7 +254,7 @@ def test_policy_classes(pred, gold, expected):
 def test_evaluation_answer_is_bounded_on_hostile_text():
     for text in ("$" * 200_000, "answer is " * 50_000, "\\boxed{" * 100_000, "1," * 300_000, "\\(" * 100_000):
         t0 = time.monotonic()
-        scope.verify_response(text, "1")
+        extract.verify(text, "1")
         assert time.monotonic() - t0 < 2.0
 
 
