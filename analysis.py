@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import scope
+import verifier
 import tiny_testbed
 
 FRACTIONS = (0.2, 0.4, 0.6, 0.8)
@@ -46,7 +47,7 @@ def sample_student(student, tok, rows, samples, max_new_tokens, seed, chunk=32):
             for j in range(samples):
                 row = q * samples + j
                 ids = b["response_ids"][row, :int(b["response_mask"][row].sum())]
-                out.append((i, texts[row], ids, scope.reward(texts[row], rows[i]["answer"], bool(b["truncated"][row]))))
+                out.append((i, texts[row], ids, verifier.reward(texts[row], rows[i]["answer"], bool(b["truncated"][row]))))
     return prompts, out
 
 
@@ -92,7 +93,7 @@ def recovery(student_dir, teacher_dir, out, problems=256, samples=8, max_incorre
         texts = tok.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
         for q, (k, f) in enumerate(part):
             gold = rows[wrong[k][0]]["answer"]
-            ok = [scope.reward(prefix[q] + texts[q * completions + j], gold, bool(b["truncated"][q * completions + j]))
+            ok = [verifier.reward(prefix[q] + texts[q * completions + j], gold, bool(b["truncated"][q * completions + j]))
                   for j in range(completions)]
             rec[quartile[k]][f].append(sum(ok) / completions)
     table = {}

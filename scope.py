@@ -1,4 +1,4 @@
-"""SCOPE: Signal-Calibrated On-Policy Distillation Enhancement (arXiv 2604.10688), in one file.
+"""SCOPE: Signal-Calibrated On-Policy Distillation Enhancement (arXiv 2604.10688): the method in one file.
 
 Per prompt x the student samples N rollouts; a verifier marks each correct (R=1) or incorrect (R=0).
   correct rollouts   -> maximum likelihood, weighted by the student's perplexity   (eq. 2, 4)
@@ -13,14 +13,14 @@ Both weights are a softmax within one prompt's group and one path (eq. 4-5); the
     python scope.py --help
 
 Sections, in the order of the algorithm:
-  1. the math: fused token log-probs, perplexities, group-softmax weights, SCOPE / OPD / GRPO / KD losses
-     (pure tensor functions: paste them into verl or TRL)
-  2. verifying answers: \\boxed extraction and a safe, time-bounded sympy-based equivalence check
-  3. rollouts and scoring: sampling with transformers generate, student and teacher token log-probs
+  1. the math: fused token log-probs, group-softmax weights, SCOPE / OPD / GRPO / KD losses (pure tensor functions:
+     paste them into verl or TRL)
+  2. verifying answers: R_i per rollout; the answer checker itself is verifier.py (swap in your own there)
+  3. rollouts and scoring: transformers generate or a colocated vLLM engine; student and teacher token log-probs
   4. the config dataclass (its field docstrings are the --help)
   5. the training loop: one code path for one process and torchrun, one function per phase
-The embedded default (a synthetic task, a character tokenizer, tiny Qwen2 teacher and student built on the spot)
-is the harness's tiny_testbed.py; it is imported, lazily, only when no --student/--teacher/--data are given.
+The embedded default (tiny task, tokenizer and models) is the harness's tiny_testbed.py, imported lazily, only when
+no --student/--teacher/--data are given.
 
 Notation (SCOPE_SPEC.md section 1), all over RESPONSE tokens only:
   logp         s_it  log pi_theta(a_it | ...)  student, current parameters, carries gradient
@@ -36,13 +36,13 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
 
-import sympy
 import torch
+
+import verifier                                    # section 2: the reward R_i (verifier.py)
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The math (pure tensor functions: no globals, no I/O)
@@ -134,19 +134,15 @@ def token_logprobs(hidden, weight, tokens, temperature=1.0, chunk=None):
 
 def seq_nll(logp, mask):
     """Length-normalised sequence NLL = log PPL = -(1/|y|) sum_t logp_t over response tokens. -> (B,).
-
-    An empty response (mask all 0) gets nll 0 (PPL 1); it carries no tokens, so no loss either.
-    """
+    An empty response (mask all 0) gets nll 0 (PPL 1); it carries no tokens, so no loss either."""
     mask = mask.to(logp.dtype)                                     # (B, L)
     return -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)    # (B,)
 
 
 def group_softmax(scores, cell_ids, norm="sum"):
     """Softmax of scores within each cell (all rows with one cell id), vectorised. -> (B,).
-
     norm="sum": weights of a cell sum to 1 (paper eq. 4-5); norm="mean": they average 1 (official
-    code: softmax x |cell|). Cells never interact: each is shifted by its own max before exp.
-    """
+    code: softmax x |cell|). Cells never interact: each is shifted by its own max before exp."""
     _check_option("norm", norm, WEIGHT_NORMS)
     _, cell = torch.unique(cell_ids, return_inverse=True)          # (B,) compact ids 0..C-1
     n_cells = int(cell.max()) + 1 if cell.numel() else 0
@@ -344,728 +340,17 @@ def kd_loss(logp, mask, counts=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Verifying answers: reward R_i in {0, 1} (spec section 1)
+# 2. Verifying answers: reward R_i in {0, 1} (spec section 1), in verifier.py
 # ----------------------------------------------------------------------------------------------------
-# The verifier never executes model output: no eval, no sympify/parse_expr on text. A small recursive-descent
-# parser below builds sympy objects itself, from a fixed grammar, and refuses (-> not equal) anything too big
-# before sympy sees it. Every call is bounded by those caps plus a cooperative 1 s deadline (no signals,
-# so it works in worker threads).
-
-MAX_ANSWER_CHARS = 1000       # longer answers are refused
-MAX_NESTING = 50              # braces / brackets / parentheses / parser recursion
-MAX_NODES = 400               # parser nodes per expression
-MAX_NUMBER_DIGITS = 100       # digits of a literal number
-MAX_RESULT_DIGITS = 2000      # a numeric power b^e may have at most this many digits (2^{1009} passes)
-MAX_FACTORIAL = 300
-MAX_ITEMS = 64                # elements of a tuple / set / list / matrix
-REL_TOL, ABS_TOL = 1e-6, 1e-9  # numeric equality when either side is irrational; rationals compare exactly
-VERIFY_SECONDS = 1.0
-
-
-class _Refuse(Exception):
-    """Input too big, too deep, or outside the grammar: the answer is judged not equal."""
-
-
-_BOX_RE = re.compile(r"\\(?:boxed|fbox|framebox)(?![a-zA-Z])")
-
-
-def extract_boxed(text):
-    """Content of the LAST \\boxed{...} / \\fbox{...} (nested braces; also `\\boxed 5`); None when there is none."""
-    if not isinstance(text, str):
-        return None
-    last = None
-    for last in _BOX_RE.finditer(text):
-        pass
-    return None if last is None else _box_content(text, last.end())
-
-
-def _box_content(text, i):
-    """The braced (or bare `\\boxed 5`) argument starting at text[i]; None when unbalanced."""
-    if text.startswith("{", i):
-        depth, j = 0, i
-        while j < len(text):
-            c = text[j]
-            if c == "\\":
-                j += 2                                            # \{ and \} are content, not grouping
-                continue
-            depth += (c == "{") - (c == "}")
-            if depth == 0:
-                return text[i + 1:j]
-            j += 1
-        return None                                               # unbalanced: no answer
-    m = re.match(r"\s+([^\s$]+)", text[i:])                       # \boxed 5
-    return m.group(1) if m else None
-
-
-_TEXT_CMDS = r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mbox|operatorname|boldsymbol)"
-
-
-def _normalize(s):
-    """Strip LaTeX decoration that does not change the answer. Returns (answer, unit or None)."""
-    s = s.replace("\n", " ").strip()
-    s = re.sub(r"\\(?:displaystyle|textstyle|limits)", "", s)
-    s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
-    s = re.sub(r",\\!\s*", ",", s)                                  # 11,\!111 (thousands)
-    s = re.sub(r"\\\\(?=(?:[dt]?frac|sqrt|pi|cdot|times)(?![a-zA-Z]))", r"\\", s)  # \\frac typed for \frac
-    s = re.sub(r"(?<!\\)\\[!,;:> ]|\\quad|\\qquad|~", " ", s)     # thin spaces (1\,000 -> 1 000)
-    s = s.replace("{,}", ",").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
-    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree|\\circ", "", s)   # degrees
-    s = s.replace("\\$", "").replace("$", "").replace("\\%", "%").replace("%", "")  # currency; percent dropped
-    s = re.sub(r"\\(?:le|leq|leqslant)(?![a-zA-Z])", "<=", s)
-    s = re.sub(r"\\(?:ge|geq|geqslant)(?![a-zA-Z])", ">=", s)
-    s = re.sub(r"\\(?:ne|neq)(?![a-zA-Z])", "!=", s).replace("\\lt", "<").replace("\\gt", ">")
-    s = s.strip().rstrip(".\\").strip()
-    unit = None                                                   # trailing unit: "10 cm", "5\text{ inches}"
-    m = re.match(r"^(.*?[\d}).])\s*(?:" + _TEXT_CMDS + r"\s*\{\s*([a-zA-Z][a-zA-Z ]*)\}|\s([a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*))"
-                 r"(\^\{?[23]\}?)?\s*$", s)
-    number_part = re.sub(r"\\[a-zA-Z]+", "", m.group(1)) if m else ""   # letters only inside \frac, \sqrt, ...
-    if m and re.search(r"\d", number_part) and not re.search(r"[a-zA-Z=<>]", number_part):
-        s, unit = m.group(1).strip(), " ".join((m.group(2) or m.group(3)).split()) + (m.group(4) or "")
-    s = re.sub(_TEXT_CMDS + r"\s*\{([^{}]*)\}", r"\1", s).strip()   # unwrap \text{...}
-    s = re.sub(r"\s+", " ", s)
-    s = re.sub(r"(?<=[\w)\]}])\s*,?\s+(?:and|or)\s+(?=[-\w(\[{\\])|(?<=[)\]])\s*or\s*(?=[(\[])", ", ", s)  # 6 and 8
-    s = re.sub(r"^(-?\d+)\s+(\d+)/(\d+)$", r"\1+\2/\3", s) if not s.startswith("-") else s   # mixed number 1 1/2
-    s = re.sub(r"(?<=\d)_\{(\d+)\}", r"_\1", s)                      # base subscripts: 4210_{7}
-    if re.fullmatch(r"-?\d{1,3}(?:[ ,]\d{3})+(?:\.\d+)?", s):        # thousands separators 1,000 / 1 000
-        s = re.sub(r"[ ,]", "", s)
-    if ";" in s and ";" not in _mask_brackets(s):                 # (0;-2;6): semicolons inside tuples
-        s = s.replace(";", ",")
-    return s.lstrip("+").strip(), unit
-
-
-def _split_top(s, seps):
-    """Split s at separators (strings) that sit outside every bracket pair."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        if s.startswith("\\{", i) or s.startswith("\\}", i):
-            depth += 1 if s[i + 1] == "{" else -1
-            i += 2
-            continue
-        c = s[i]
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif depth == 0:
-            for sep in seps:
-                if s.startswith(sep, i) and not (sep[-1].isalpha() and s[i + len(sep):i + len(sep) + 1].isalpha()):
-                    parts.append(s[start:i])
-                    i += len(sep)
-                    start = i
-                    break
-            else:
-                i += 1
-            continue
-        if depth > MAX_NESTING:
-            raise _Refuse("nesting")
-        i += 1
-    parts.append(s[start:])
-    return [p.strip() for p in parts]
-
-
-# ---- the restricted LaTeX -> sympy translator ----
-_TOKEN_RE = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|(\\[a-zA-Z]+|\\[{}|])|([a-zA-Z])|(<=|>=|!=|\*\*|[-+*/^_()\[\]{}!|,=<>']))")
-_FUNCS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot, "sec": sympy.sec,
-          "csc": sympy.csc, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan, "sinh": sympy.sinh,
-          "cosh": sympy.cosh, "tanh": sympy.tanh, "exp": sympy.exp, "ln": sympy.log, "log": sympy.log}
-_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta", "iota",
-          "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
-          "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega"}
-
-
-def _tokenize(s):
-    tokens, pos = [], 0
-    s = s.rstrip()
-    while pos < len(s):
-        m = _TOKEN_RE.match(s, pos)
-        if not m or m.end() == pos:
-            raise _Refuse(f"unknown character {s[pos]!r}")
-        num, cmd, letter, op = m.groups()
-        tokens.append(("num", num) if num else ("cmd", cmd[1:]) if cmd else ("id", letter) if letter else ("op", op))
-        pos = m.end()
-    return tokens
-
-
-class _Parser:
-    """expr := term (+|- term)* ; term := unary ((*|/|\\cdot|\\times|implicit) unary)* ;
-    unary := (+|-) unary | power ; power := postfix (^ unary)? ; postfix := atom (!)* ;
-    atom := number | letter[_sub] | \\pi | \\infty | greek | (expr) | {expr} | |expr| | \\frac | \\sqrt | \\binom | func.
-    Conventions: e is Euler's number, i the imaginary unit, `2e5` scientific notation, `3\\frac{1}{2}` (an
-    integer then a numeric \\frac) the mixed number 3 + 1/2, juxtaposition multiplies."""
-
-    def __init__(self, text, deadline):
-        self.toks, self.i, self.depth, self.nodes, self.deadline = _tokenize(text), 0, 0, 0, deadline
-
-    def peek(self, k=0):
-        return self.toks[self.i + k] if self.i + k < len(self.toks) else (None, None)
-
-    def take(self, kind=None, value=None):
-        tok = self.peek()
-        if tok[0] is None or (kind and tok[0] != kind) or (value is not None and tok[1] != value):
-            raise _Refuse(f"expected {value or kind}, got {tok[1]!r}")
-        self.i += 1
-        return tok
-
-    def parse(self):
-        out = self.expr()
-        if self.i != len(self.toks):
-            raise _Refuse(f"unexpected {self.peek()[1]!r}")
-        return out
-
-    def enter(self):
-        self.depth += 1
-        self.nodes += 1
-        if self.depth > MAX_NESTING or self.nodes > MAX_NODES:
-            raise _Refuse("expression too deep or too large")
-        if time.monotonic() > self.deadline:
-            raise _Refuse("time")
-
-    def expr(self, closer=None):
-        self.enter()
-        out = self.term(closer)
-        while self.peek() in (("op", "+"), ("op", "-")):
-            op = self.take()[1]
-            rhs = self.term(closer)
-            out = out + rhs if op == "+" else out - rhs
-        self.depth -= 1
-        return out
-
-    def term(self, closer):
-        out = self.unary(closer)
-        while True:
-            kind, val = self.peek()
-            if (kind, val) in (("op", "*"), ("op", "/"), ("cmd", "cdot"), ("cmd", "times"), ("cmd", "div")):
-                self.take()
-                rhs = self.unary(closer)
-                out = out / rhs if val in ("/", "div") else out * rhs
-            elif self.starts_atom(closer):
-                out = out * self.power(closer)                    # implicit multiplication
-            else:
-                return out
-
-    def starts_atom(self, closer):
-        kind, val = self.peek()
-        if kind in ("num", "id"):
-            return True
-        if kind == "cmd":
-            return val not in ("cdot", "times", "div", "cup", "cap", "pm", "mp", "}", "to")
-        return kind == "op" and val in ("(", "{", "[") or (val == "|" and closer != "|")
-
-    def unary(self, closer):
-        if self.peek() in (("op", "-"), ("op", "+")):
-            sign = self.take()[1]
-            self.enter()
-            out = self.unary(closer)
-            self.depth -= 1
-            return -out if sign == "-" else out
-        return self.power(closer)
-
-    def power(self, closer):
-        base = self.postfix(closer)
-        if self.peek() in (("op", "^"), ("op", "**")):
-            self.take()
-            self.enter()
-            exp = self.arg_or_unary()
-            self.depth -= 1
-            return _pow(base, exp)
-        return base
-
-    def arg_or_unary(self):
-        """An exponent: {expr}, or a single character (x^23 is x^2 * 3 in LaTeX), or a signed atom."""
-        if self.peek() == ("op", "{"):
-            return self.arg()
-        if self.peek()[0] == "num":
-            return self.arg()
-        return self.unary(None) if self.peek() in (("op", "-"), ("op", "+")) else self.postfix(None)
-
-    def postfix(self, closer):
-        out = self.atom(closer)
-        while self.peek() == ("op", "!"):
-            self.take()
-            out = _factorial(out)
-        return out
-
-    def arg(self):
-        """A TeX macro argument: {expr} or one character (\\frac12, \\sqrt2)."""
-        kind, val = self.peek()
-        if (kind, val) == ("op", "{"):
-            self.take()
-            out = self.expr("}")
-            self.take("op", "}")
-            return out
-        if kind == "num" and len(val) > 1:                        # split "12" into "1" and "2"
-            self.toks[self.i] = ("num", val[1:])
-            return _number(val[0])
-        if kind in ("num", "id"):
-            self.take()
-            return _number(val) if kind == "num" else _symbol(val)
-        return self.atom(None)
-
-    def atom(self, closer):
-        self.enter()
-        kind, val = self.take()
-        if kind == "num":
-            out = _number(val)
-            if self.peek() == ("cmd", "frac") and "." not in val:  # mixed number 3\frac{1}{2}
-                self.take()
-                num, den = self.arg(), self.arg()
-                if not (num.is_Integer and den.is_Integer):
-                    raise _Refuse("mixed number needs integer fraction")
-                out = out + num / den
-        elif kind == "id":
-            out = _symbol(val)
-            if self.peek() == ("op", "_"):                        # x_1, a_{n}
-                self.take()
-                sub = self.take()[1] if self.peek() != ("op", "{") else self.braced_text()
-                out = sympy.Symbol(f"{val}_{sub}")
-        elif (kind, val) in (("op", "("), ("op", "["), ("op", "{")):
-            close = {"(": ")", "[": "]", "{": "}"}[val]
-            out = self.expr(close)
-            self.take("op", close)
-        elif (kind, val) == ("op", "|") or val in ("lvert", "vert", "|"):
-            out = sympy.Abs(self.expr("|"))
-            nk, nv = self.take()
-            if nv not in ("|", "rvert", "vert"):
-                raise _Refuse("unclosed |")
-        elif kind == "cmd" and val == "frac":
-            num, den = self.arg(), self.arg()
-            out = num / den
-        elif kind == "cmd" and val == "sqrt":
-            index = None
-            if self.peek() == ("op", "["):
-                self.take()
-                index = self.expr("]")
-                self.take("op", "]")
-            radicand = self.arg()
-            out = sympy.sqrt(radicand) if index is None else _pow(radicand, 1 / index)
-        elif kind == "cmd" and val in ("binom", "dbinom", "tbinom"):
-            n, k = self.arg(), self.arg()
-            if not (n.is_Integer and k.is_Integer and 0 <= n <= MAX_FACTORIAL):
-                raise _Refuse("binom")
-            out = sympy.binomial(n, k)
-        elif kind == "cmd" and val in _FUNCS:
-            power = None
-            base = None
-            if val == "log" and self.peek() == ("op", "_"):
-                self.take()
-                base = self.arg()
-            if self.peek() == ("op", "^"):                        # \sin^2 x
-                self.take()
-                power = self.arg()
-            arg = self.power(None)
-            out = _FUNCS[val](arg) if base is None else sympy.log(arg, base)
-            if power is not None:
-                out = _pow(out, power)
-        elif kind == "cmd" and val == "pi":
-            out = sympy.pi
-        elif kind == "cmd" and val == "infty":
-            out = sympy.oo
-        elif kind == "cmd" and val in _GREEK:
-            out = sympy.Symbol(val)
-        else:
-            raise _Refuse(f"unsupported {val!r}")
-        self.depth -= 1
-        return out
-
-    def braced_text(self):
-        self.take("op", "{")
-        parts = []
-        while self.peek() != ("op", "}"):
-            parts.append(self.take()[1])
-            if len(parts) > 10:
-                raise _Refuse("subscript")
-        self.take("op", "}")
-        return "".join(parts)
-
-
-def _number(text):
-    if len(re.sub(r"\D", "", text)) > MAX_NUMBER_DIGITS:
-        raise _Refuse("number too long")
-    mant, _, exp = text.lower().partition("e")
-    if exp and abs(int(exp)) > 400:
-        raise _Refuse("exponent too large")
-    out = sympy.Rational(mant if not mant.startswith(".") else "0" + mant)   # exact: 0.5 == 1/2
-    return out * sympy.Integer(10) ** int(exp) if exp else out
-
-
-def _symbol(letter):
-    return {"e": sympy.E, "i": sympy.I}.get(letter) or sympy.Symbol(letter)
-
-
-def _pow(base, exp):
-    """base^exp, refused when the result could have more than MAX_RESULT_DIGITS digits."""
-    if exp.is_number and exp.is_real and exp.is_finite:
-        mag = abs(float(sympy.N(exp, 15))) if exp.is_comparable else 0.0
-        if base.is_number and base.is_comparable:
-            b = abs(float(sympy.N(base, 15))) if abs(base) < 10**MAX_RESULT_DIGITS else float("inf")
-            if mag * math.log10(max(b, 10.0)) > MAX_RESULT_DIGITS:
-                raise _Refuse("power too large")
-        elif mag > MAX_RESULT_DIGITS:
-            raise _Refuse("power too large")
-    elif not exp.is_number and base.is_number and base.is_comparable and abs(base) > 10**6:
-        raise _Refuse("symbolic power of a huge base")
-    return sympy.Pow(base, exp)
-
-
-def _factorial(x):
-    if not (x.is_Integer and 0 <= x <= MAX_FACTORIAL):
-        raise _Refuse("factorial")
-    return sympy.factorial(x)
-
-
-def _to_sympy(text, deadline):
-    if len(text) > MAX_ANSWER_CHARS:
-        raise _Refuse("too long")
-    return _Parser(text, deadline).parse()
-
-
-# ---- comparison ladder ----
-def _numeric(x):
-    """x as a Python complex, or None (not a finite number)."""
-    try:
-        v = complex(sympy.N(x, 30))
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return v if math.isfinite(v.real) and math.isfinite(v.imag) else None
-
-
-def _close(a, b):
-    return abs(a - b) <= max(ABS_TOL, REL_TOL * max(abs(a), abs(b)))
-
-
-def _decimal(q):
-    """(decimal places, significant digits) when the rational q is a terminating decimal, else None."""
-    den, twos, fives = int(q.q), 0, 0
-    while den % 2 == 0:
-        den, twos = den // 2, twos + 1
-    while den % 5 == 0:
-        den, fives = den // 5, fives + 1
-    if den != 1:
-        return None
-    k = max(twos, fives)
-    return k, len(str(abs(int(q * 10**k))).lstrip("0"))
-
-
-def _rounded(d, x):
-    """d is x rounded to d's own decimal places (0.0833 for 1/12, 3.1416 for 3.14159), with at least 3 significant
-    digits (4 when x is itself a terminating decimal: 12.5 is not 12.54)."""
-    dd, dx = _decimal(d), _decimal(x)
-    if dd is None or dd[0] == 0 or (dx is not None and dx[0] <= dd[0]):
-        return False
-    return dd[1] >= (4 if dx else 3) and abs(x - d) * 2 * 10**dd[0] <= 1
-
-
-def _expr_equal(a, b):
-    """Exact for rationals; REL_TOL for other numbers; random points for expressions in variables."""
-    if a.has(sympy.zoo, sympy.nan) or b.has(sympy.zoo, sympy.nan):
-        return False                                              # 1/0 is no answer
-    if a == b:
-        return True
-    if a.is_Rational and b.is_Rational:
-        return _rounded(a, b) or _rounded(b, a)
-    if a.has(sympy.oo) or b.has(sympy.oo):
-        return False
-    free = a.free_symbols | b.free_symbols                        # sin^2 x + cos^2 x == 1 is allowed
-    rng = random.Random(0)
-    points = [{}] if not free else [{x: sympy.Rational(rng.randint(3, 29), 7) for x in free} for _ in range(4)]
-    for point in points:
-        va, vb = _numeric(a.subs(point)), _numeric(b.subs(point))
-        if va is None or vb is None or not _close(va, vb):
-            return False
-    return True
-
-
-def _scaled(a, b):
-    """a = c * b for one nonzero constant c (the equations a = 0 and b = 0 are the same: 2x + 4y - 3 = 0 and
-    y = -x/2 + 3/4), checked at random points."""
-    free = a.free_symbols | b.free_symbols
-    if not free:
-        return False
-    rng, ratio = random.Random(1), None
-    for _ in range(4):
-        point = {x: sympy.Rational(rng.randint(3, 29), 7) for x in free}
-        va, vb = _numeric(a.subs(point)), _numeric(b.subs(point))
-        if va is None or vb is None or abs(vb) < ABS_TOL:
-            return False
-        ratio = ratio if ratio is not None else va / vb
-        if abs(ratio) < ABS_TOL or not _close(va / vb, ratio):
-            return False
-    return True
-
-
-_REL_OPS = ("<=", ">=", "!=", "<", ">", "=")
-
-
-def _structure(s, deadline):
-    """Parse a normalised answer into a comparable structure (tuples tagged by kind)."""
-    if s.count("{") > MAX_NESTING * 4 or len(s) > MAX_ANSWER_CHARS:
-        raise _Refuse("too big")
-    choice = re.fullmatch(r"\(?([A-E])\)?", s)
-    if choice:
-        return ("choice", choice.group(1))
-    s = re.sub(r"^[(\[]\s*(\\begin\{(\w+)\}.*\\end\{\2\})\s*[)\]]$", r"\1", s, flags=re.S)   # [ matrix ]
-    s = re.sub(r"^\\begin\{array\}\{[lcr|]*\}(.*)\\end\{array\}$", r"\\begin{matrix}\1\\end{matrix}", s, flags=re.S)
-    m = re.fullmatch(r"\\begin\{([pbvB]?matrix)\}(.*)\\end\{\1\}", s, re.S)
-    if m:
-        rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
-        cells = [[_to_sympy(c.strip(), deadline) for c in r.split("&")] for r in rows]
-        if sum(map(len, cells)) > MAX_ITEMS:
-            raise _Refuse("matrix too big")
-        return ("matrix", cells)
-    pieces = _split_top(s, ["\\cup"])
-    if len(pieces) > 1:
-        return ("union", [_structure(p, deadline) for p in pieces])
-    items = _split_top(s, [","])
-    if len(items) > MAX_ITEMS:
-        raise _Refuse("too many items")
-    if s.startswith("\\{") and s.endswith("\\}") and len(_split_top(s[2:-2], [","])) >= 1 and _balanced(s[2:-2]):
-        return ("set", [_structure(x, deadline) for x in _split_top(s[2:-2], [","]) if x])
-    if len(items) > 1:
-        return ("set", [_structure(x, deadline) for x in items])     # bare comma list: unordered
-    if s[:1] in "([" and s[-1:] in ")]" and _balanced(s[1:-1]):
-        inner = _split_top(s[1:-1], [","])
-        if len(inner) > 1:                                         # tuple / point / interval: ordered
-            return ("seq", s[0] + s[-1], [_structure(x, deadline) for x in inner])
-    if s.startswith("{") and s.endswith("}") and _balanced(s[1:-1]):
-        return _structure(s[1:-1].strip(), deadline)
-    rel = _split_top(s, _REL_OPS)
-    if len(rel) > 1:
-        ops = re.findall(r"<=|>=|!=|<|>|=", _mask_brackets(s))
-        exprs = [_to_sympy(x, deadline) for x in rel]
-        if len(ops) != len(exprs) - 1:
-            raise _Refuse("relation")
-        if any(o in (">", ">=") for o in ops):                     # a > b  ->  b < a
-            exprs, ops = exprs[::-1], [{">": "<", ">=": "<="}.get(o, o) for o in ops[::-1]]
-        return ("rel", tuple(ops), exprs)
-    return ("expr", _to_sympy(s, deadline))
-
-
-def _balanced(s):
-    depth = 0
-    for c in s:
-        depth += (c in "([{") - (c in ")]}")
-        if depth < 0:
-            return False
-    return depth == 0
-
-
-def _mask_brackets(s):
-    """s with everything inside brackets blanked, so operators found are top-level."""
-    out, depth = [], 0
-    for c in s:
-        depth -= c in ")]}"
-        out.append(c if depth == 0 else " ")
-        depth += c in "([{"
-    return "".join(out)
-
-
-def _struct_equal(a, b, deadline):
-    if time.monotonic() > deadline:
-        raise _Refuse("time")
-    if {a[0], b[0]} == {"matrix", "seq"}:                        # a column or row vector written as a list
-        m, q = (a, b) if a[0] == "matrix" else (b, a)
-        cells = [c for row in m[1] for c in row]
-        return (len(m[1]) == 1 or all(len(r) == 1 for r in m[1])) and len(cells) == len(q[2]) and all(
-            y[0] == "expr" and _expr_equal(x, y[1]) for x, y in zip(cells, q[2]))
-    if a[0] != b[0]:
-        return False
-    kind = a[0]
-    if kind == "choice":
-        return a[1] == b[1]
-    if kind == "expr":
-        return _expr_equal(a[1], b[1])
-    if kind == "seq":
-        return a[1] == b[1] and len(a[2]) == len(b[2]) and all(_struct_equal(x, y, deadline) for x, y in zip(a[2], b[2]))
-    if kind == "matrix":
-        return [len(r) for r in a[1]] == [len(r) for r in b[1]] and all(
-            _expr_equal(x, y) for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))
-    if kind in ("set", "union"):                                   # multiset: match each item once
-        rest = list(b[1])
-        for x in a[1]:
-            j = next((j for j, y in enumerate(rest) if _struct_equal(x, y, deadline)), None)
-            if j is None:
-                return False
-            rest.pop(j)
-        return not rest
-    if kind == "rel":
-        (ops_a, ea), (ops_b, eb) = a[1:], b[1:]
-        if ops_a != ops_b or len(ea) != len(eb):
-            return False
-        if len(ea) == 2:                                           # compare rhs - lhs (x > 2  ==  x - 2 > 0)
-            da, db = ea[1] - ea[0], eb[1] - eb[0]
-            return _expr_equal(da, db) or (ops_a[0] in ("=", "!=") and (_expr_equal(da, -db) or _scaled(da, db)))
-        return all(_expr_equal(x, y) for x, y in zip(ea, eb))
-    return False
-
-
-def is_equiv(pred, gold):
-    """True when the predicted answer equals the gold answer (both LaTeX strings, no \\boxed)."""
-    deadline = time.monotonic() + VERIFY_SECONDS
-    try:
-        return _is_equiv(pred, gold, deadline)
-    except (_Refuse, RecursionError, ValueError, TypeError, ZeroDivisionError, OverflowError, MemoryError,
-            AttributeError, IndexError, KeyError, sympy.SympifyError, NotImplementedError):
-        return False
-
-
-def _is_equiv(pred, gold, deadline):
-    if not isinstance(pred, str) or not isinstance(gold, str):
-        return False
-    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS or "\x00" in pred + gold:
-        return False
-    (p, p_unit), (g, g_unit) = _normalize(pred), _normalize(gold)
-    if p_unit and g_unit and p_unit.lower() != g_unit.lower():
-        return False                                               # 10 cm vs 10 m
-    if not p or not g:
-        return False
-    if g_unit is None and p_unit is not None and not re.search(r"\d", p):
-        p = f"{p} {p_unit}"                                        # "Tuesday" is an answer, not a unit
-    if re.fullmatch(r"[a-zA-Z ]{3,}", p) and p.lower() == g.lower():
-        return True                                                # words: case-insensitive
-    p, g = _value_of(p), _value_of(g)
-    p, g = (re.sub(r"^[^=<>]*?\\in\s*", "", x) if _is_name(x.split("\\in")[0]) else x for x in (p, g))  # x \in S
-    if not re.search(r"[=<>]|\\in\b", g):                          # gold is a bare value: drop "x = " in pred
-        p = _drop_names(p)
-    if not re.search(r"[=<>]|\\in\b", p):                          # pred is a bare value, gold "M = value"
-        g = _drop_names(g)
-    if p.replace(" ", "") == g.replace(" ", ""):
-        return True
-    sp, sg = _structure(p.strip(), deadline), _structure(g.strip(), deadline)
-    if sp[0] in ("seq", "union") and sg[0] == "rel":               # x <= 3  vs  (-\infty, 3]
-        sg = _interval(sg, deadline) or sg
-    if sg[0] in ("seq", "union") and sp[0] == "rel":
-        sp = _interval(sp, deadline) or sp
-    if _struct_equal(sp, sg, deadline):
-        return True
-    if "%" in pred and "%" not in gold and sp[0] == "expr":        # 10% is 10 (above) and also 0.1
-        return _struct_equal(("expr", sp[1] / 100), sg, deadline)
-    if "%" in gold and "%" not in pred and sg[0] == "expr":
-        return _struct_equal(sp, ("expr", sg[1] / 100), deadline)
-    return False
-
-
-def _is_name(s):
-    """A name, not a value: letters (with subscripts, |AB|, ratios A:B, f(x), tuples of names), no digits or
-    arithmetic outside subscripts."""
-    core = re.sub(r"_\{[^{}]*\}|_\w|\\(?:frac|text|mathrm|overline|angle)", "", s)
-    return bool(re.search(r"[a-zA-Z]", core)) and not re.search(r"[\d+\-*^=<>]", core)
-
-
-def _value_of(s):
-    """The value an answer states: the last member of a chain a = b = c; an approximation dropped (x = 1/3 \\approx
-    0.33 -> x = 1/3; y \\approx 11 -> y = 11; \\frac{\\sqrt3}{3} \\approx 0.577 -> \\frac{\\sqrt3}{3})."""
-    if "\\approx" in s:
-        left, right = s.split("\\approx", 1)
-        s = left if "=" in left or not _is_name(left.strip()) else f"{left}={right}"
-    eq = _split_top(s, ["="])
-    if len(eq) > 2 and not re.search(r"[<>,;]", _mask_brackets(s)):
-        s = eq[0] + "=" + eq[-1] if _is_name(eq[0]) else eq[-1]
-    return s.strip()
-
-
-def _drop_names(s):
-    """'x = 5' -> '5', '(p,q) = (3,2)' -> '(3,2)', 'x \\in [0,7)' -> '[0,7)', item by item in a list."""
-    items = _split_top(s, [",", ";"]) if not (s[:1] in "([{" and _balanced(s[1:-1])) else [s]
-    out = []
-    for item in items:
-        parts = _split_top(item, ["=", "\\in"])
-        out.append(parts[1] if len(parts) == 2 and _is_name(parts[0]) and parts[1] else item)
-    return ", ".join(out) if len(out) > 1 else out[0]
-
-
-def _interval(rel, deadline):
-    """A one-variable inequality as an interval structure: a < x <= b -> (a, b]; x <= 3 -> (-oo, 3]. Else None."""
-    _, ops, exprs = rel
-    if not all(o in ("<", "<=") for o in ops) or not 2 <= len(exprs) <= 3:
-        return None
-    free = [i for i, e in enumerate(exprs) if e.free_symbols]
-    if len(free) != 1 or (len(exprs) == 3 and free != [1]):
-        return None
-    if len(exprs) == 2:                                            # x < b  or  a < x
-        lo, hi = (-sympy.oo, exprs[1]) if free == [0] else (exprs[0], sympy.oo)
-        left = "(" if free == [0] or ops[0] == "<" else "["
-        right = ")" if free == [1] or ops[0] == "<" else "]"
-    else:
-        lo, hi = exprs[0], exprs[2]
-        left, right = ("(" if ops[0] == "<" else "["), (")" if ops[1] == "<" else "]")
-    return ("seq", left + right, [("expr", lo), ("expr", hi)])
-
-
-_LIST_GLUE_RE = re.compile(r"(?:[\s,;$.]|\\quad|\\qquad|\\[()\[\]]|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b)*")
-
-
-def box_list(text):
-    """The boxes of text read as one list: the last run of boxes joined only by commas, "and", "or", spacing or
-    math delimiters (prose between two boxes ends the run). -> list of contents (empty: no box)."""
-    run, prev_end = [], None
-    for m in _BOX_RE.finditer(text):
-        content = _box_content(text, m.end())
-        if content is None:
-            return []
-        glue = text[prev_end:m.start()] if prev_end is not None else ""
-        run = run + [content] if prev_end is not None and _LIST_GLUE_RE.fullmatch(glue) else [content]
-        prev_end = m.end() + len(content) + 2 if text.startswith("{", m.end()) else m.end() + len(content) + 1
-    return run
-
-
-def verify_response(response, gold, truncated=False, extract=None):
-    """1.0 if the response's final answer, extract(response) (default: the last box, as training reads it), equals
-    gold. Several boxes: the last one, or, when the gold is a list of k items, the last k boxes read as that list.
-    A response cut at the length limit scores 0. (Evaluation's lenient extraction: eval/extract.py.)"""
-    if truncated or not isinstance(response, str) or not isinstance(gold, str):
-        return 0.0
-    answer = (extract or extract_boxed)(response)
-    if answer is None or not answer.strip():
-        return 0.0
-    if is_equiv(answer, gold):
-        return 1.0
-    g = _normalize(gold)[0] if len(gold) <= MAX_ANSWER_CHARS else ""
-    g = g[2:-2] if g.startswith("\\{") and g.endswith("\\}") else g[1:-1] if g[:1] == "{" and g[-1:] == "}" else g
-    k = len(_split_top(g, [",", ";"]))
-    boxes = box_list(response[-4 * MAX_ANSWER_CHARS:])
-    return float(1 < k <= len(boxes) and is_equiv(", ".join(boxes[-k:]), gold))
-
-
-def reward(response, gold, truncated=False):
-    """Training reward (spec section 1): 1.0 if the last \\boxed answer equals gold, else 0.0. A response cut
-    at the length limit, with no box, or with an empty box scores 0 (boxed-only: README, verifier policy)."""
-    return verify_response(response, gold, truncated)
-
-
-def math_normalize(s):
-    """The MATH benchmark's answer normalisation, as its string grader applies it (Hendrycks et al. 2021): drop
-    spaces, \\left/\\right, \\!, degrees, dollars, percent, a trailing text unit and a short "x =" prefix;
-    \\dfrac/\\tfrac -> \\frac, \\frac12 -> \\frac{1}{2}, \\sqrt3 -> \\sqrt{3}, a/b -> \\frac{a}{b},
-    0.5 -> \\frac{1}{2}, .5 -> 0.5."""
-    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\").replace("tfrac", "frac").replace("dfrac", "frac")
-    s = s.replace("\\left", "").replace("\\right", "").replace("^{\\circ}", "").replace("^\\circ", "")
-    s = s.replace("\\$", "").replace("\\%", "").replace("%", "")
-    s = re.sub(r"\\text\{\s[^{}]*\}$", "", s).strip()                  # "10\text{ cm}"
-    s = re.sub(r"(^|[\s{])\.(\d)", r"\g<1>0.\2", s)                      # .5 -> 0.5
-    if re.fullmatch(r"[a-zA-Z]\s*=.*", s) and len(s.split("=")[0].strip()) <= 2:
-        s = s.split("=", 1)[1]
-    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s).replace(" ", "")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac\{(\d+)\}(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
-    s = "\\frac{1}{2}" if s == "0.5" else s
-    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
-    return f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}" if m else s
-
-
-def official_reward(response, gold, truncated=False):
-    """The released code's training grader (option --grader official): 1.0 when the last box, normalised by
-    math_normalize, is the same string as the normalised gold. No symbolic equivalence (0.5 = 1/2 only by the rule
-    above; 2/4 != 1/2)."""
-    answer = None if truncated else extract_boxed(response)
-    return float(answer is not None and bool(answer.strip()) and math_normalize(answer) == math_normalize(gold))
-
-
-def pass_at_k(n, c, k):
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), from n samples of which c are correct."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+# R_i = 1 when the last \boxed{} of a rollout equals the gold answer (verifier.is_equiv: a safe, time-bounded
+# LaTeX -> sympy comparison that never executes model output) and the rollout was not cut at max_new_tokens.
+# With --grader official, verifier.official_reward: the released code's exact string match (README).
+def verify_rollouts(tokenizer, batch, golds, n, device, grader="verify"):
+    """Phase 2: R_i in {0, 1}: the last \\boxed answer equals the gold one, and the response was not cut off."""
+    texts = tokenizer.batch_decode(batch["response_ids"] * batch["response_mask"], skip_special_tokens=True)
+    judge = verifier.official_reward if grader == "official" else verifier.reward
+    return torch.tensor([judge(texts[i], golds[i // n], bool(batch["truncated"][i])) for i in range(len(texts))],
+                        device=device)                                # (B*n,)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1157,14 +442,12 @@ def generate(model, tokenizer, prompts, n, max_new_tokens, temperature=1.0, top_
 
 
 class VLLMRollouts:
-    """Colocated vLLM rollouts (--rollout_engine vllm; GPU only). Calls written against vllm 0.33.0 and checked in its
-    source by bench/vllm_api_check.py. One engine per rank, tensor parallel 1, living in the torchrun process
-    (distributed_executor_backend="external_launcher"); sleep mode lets it share the GPU with the trainer: it sleeps
-    at level 1 (weights offloaded to CPU, KV cache freed; level 2 would discard the weights) while the student
-    trains, and before every generation it takes the student's current weights in bf16, one gathered tensor at a
-    time (never the whole model at once), and resets its prefix cache. Prompts go in as token ids (a string would be
-    tokenized with special tokens: a second BOS). The engine's log-probs feed rollout/sampler_gap, the alarm for
-    stale weights (README: vLLM rollouts)."""
+    """Colocated vLLM rollouts (--rollout_engine vllm; GPU only; written against vllm 0.33.0, names checked by
+    bench/vllm_api_check.py). One engine per rank, tensor parallel 1, in the torchrun process (external_launcher). It
+    sleeps at level 1 (weights offloaded, KV cache freed; level 2 would drop the weights) while the student trains;
+    before each generation it takes the student's weights in bf16, one gathered tensor at a time, and resets its
+    prefix cache. Prompts go in as token ids (a string would get a second BOS). Its log-probs feed
+    rollout/sampler_gap, the alarm for stale weights (README: vLLM rollouts)."""
 
     def __init__(self, args, model_name, rank):
         try:
@@ -1227,14 +510,13 @@ class VLLMRollouts:
         bad = {c.finish_reason for _, c in done} - {"stop", "length"}
         if bad:
             raise RuntimeError(f"vLLM finished rollouts with {bad}")
-        prompt, resp = _pad_cat([torch.tensor(p)[None] for p, _ in done], "prompt_ids", tokenizer.pad_token_id), \
-            _pad_cat([torch.tensor(list(c.token_ids))[None] for _, c in done], "response_ids", tokenizer.pad_token_id)
-        mask = _pad_cat([torch.ones(1, len(c.token_ids), dtype=torch.long) for _, c in done], "response_mask", 0)
-        logp = _pad_cat([torch.tensor([[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]]) for _, c in done],
-                        "logp_sampler", 0)                            # (B*n, T) the sampled tokens' log-probs
-        out = dict(prompt_ids=prompt, prompt_mask=_pad_cat([torch.ones(1, len(p), dtype=torch.long) for p, _ in done],
-                   "prompt_mask", 0), response_ids=resp, response_mask=mask, logp_sampler=logp.float(),
-                   truncated=torch.tensor([c.finish_reason == "length" for _, c in done]))
+        rows = dict(prompt_ids=[p for p, _ in done], response_ids=[list(c.token_ids) for _, c in done],
+                    logp_sampler=[[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for _, c in done])
+        rows.update(prompt_mask=[[1] * len(p) for p in rows["prompt_ids"]],
+                    response_mask=[[1] * len(r) for r in rows["response_ids"]])
+        out = {k: _pad_cat([torch.tensor([r], dtype=torch.float32 if k == "logp_sampler" else torch.long) for r in v],
+                           k, tokenizer.pad_token_id) for k, v in rows.items()}   # (B*n, P) and (B*n, T), padded
+        out["truncated"] = torch.tensor([c.finish_reason == "length" for _, c in done])
         return {k: v.to(device) for k, v in out.items()}
 
 
@@ -1403,8 +685,7 @@ class Args:
     """one: student and teacher log-probs at T=1 (the policy pi_theta itself); sampling: student at the sampling
     temperature, teacher at T=1 (the official code)"""
     lr: float = 3e-4
-    """AdamW learning rate, constant (paper: 5e-5; tiny: 3e-4, since 1e-3 knocks the tiny student down at the first
-    Adam step and 1e-4 learns more slowly)"""
+    """AdamW learning rate, constant (paper 5e-5; tiny 3e-4: 1e-3 knocks the tiny student down, 1e-4 learns slower)"""
     weight_decay: float = 0.01
     """AdamW weight decay"""
     grad_clip: float = 1.0
@@ -1436,8 +717,7 @@ class Args:
     resume: bool = False
     """continue from out_dir/checkpoint"""
     threads: int = 1
-    """torch CPU threads per process, also for building the tiny models (1: on a loaded machine 2 threads run
-    several times slower than 1; README, "thread count")"""
+    """torch CPU threads per process and for the tiny build (1: under load, 2 run slower; README, "thread count")"""
     dtype: str = "float32"
     """compute dtype, float32 | bfloat16. The student's weights and AdamW state stay float32 (master weights; bf16
     compute via FSDP2 mixed precision, or autocast in one process); teacher and reference are stored in this dtype"""
@@ -1515,25 +795,20 @@ def all_reduce(values, device, op="sum"):
 
 
 def load_model(name, what, dtype=None, device="cpu"):
-    """A causal LM (dtype given) or its tokenizer (dtype None), with a clear error when it cannot be reached."""
+    """A causal LM (dtype given) or its tokenizer (dtype None), with a clear error when it cannot be reached. A
+    tokenizer saved as a generic one (the tiny one) loads as one: transformers 5's AutoTokenizer would pick the class
+    of config.json's model_type (Qwen2Tokenizer), whose byte-level pipeline drops the tiny tokenizer's spaces."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
     try:
-        if dtype is None:
-            return _load_tokenizer(name, AutoTokenizer, PreTrainedTokenizerFast)
-        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
+        if dtype is not None:
+            return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
+        cfg = Path(name) / "tokenizer_config.json"
+        generic = cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in ("TokenizersBackend",
+                                                                                         "PreTrainedTokenizerFast")
+        return (PreTrainedTokenizerFast if generic else AutoTokenizer).from_pretrained(name)
     except OSError as e:
         raise SystemExit(f"cannot load the {what} model {name!r}: {e}\nOffline? Download it elsewhere and pass a "
                          f"local path with --{what}.") from None
-
-
-def _load_tokenizer(name, auto, fast):
-    """transformers 5's AutoTokenizer picks the class of config.json's model_type (Qwen2Tokenizer) over the saved
-    generic tokenizer class, and that class rebuilds a byte-level pipeline that drops the tiny tokenizer's spaces.
-    A tokenizer saved as a generic one is therefore loaded as one."""
-    cfg = Path(name) / "tokenizer_config.json"
-    if cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return fast.from_pretrained(name)
-    return auto.from_pretrained(name)
 
 
 def load_problems(data):
@@ -1564,21 +839,6 @@ def load_problems(data):
                          f"deepmath_train_sample.jsonl") from None
     cols = ("question", "final_answer") if "question" in ds.column_names else ("problem", "answer")
     return [{"id": str(i), "problem": r[cols[0]], "answer": str(r[cols[1]])} for i, r in enumerate(ds)]
-
-
-def embedded_default(args, log):
-    """The tiny testbed (a harness module, imported only here) fills whatever the user did not name: its models, its
-    task, and periodic evaluation on its test split. -> (student, teacher, train rows or None, evaluate or None)."""
-    import tiny_testbed as tb
-    student, teacher = args.student, args.teacher
-    if not student or not teacher:
-        dirs = tb.build_tiny_models(args.cache_dir, log=log, threads=args.threads)
-        student, teacher = student or str(dirs[0]), teacher or str(dirs[1])
-    if args.data:
-        return student, teacher, None, None
-    test = tb.tiny_task("test", args.eval_problems, args.seed)
-    return student, teacher, tb.tiny_task("train", 20000, args.seed), lambda model, tokenizer, rt: tb.evaluate(
-        model, tokenizer, test, args.eval_k, args, (args.seed, "eval"), rt)
 
 
 def step_prompts(step, n_rows, per_step, seed):
@@ -1649,13 +909,6 @@ def load_models(args, rt, student_name, teacher_name, ckpt):
     return tokenizer, student, teacher, ref, opt
 
 
-def split_evenly(items, k):
-    """k contiguous, nearly equal parts of items."""
-    q, r = divmod(len(items), k)
-    bounds = [i * q + min(i, r) for i in range(k + 1)]
-    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
-
-
 def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache, engine=None):
     """Phase 1: N rollouts per prompt from the student (KD: the teacher's samples, generated once and cached), from
     the vLLM engine in one call, or in generate calls whose KV cache fits rollout_tokens; every rank makes the same
@@ -1680,20 +933,13 @@ def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, 
     per_call = max(1, args.rollout_tokens // (longest * n)) if args.rollout_tokens else len(my)
     calls = int(all_reduce([math.ceil(len(my) / per_call)], rt.device, "max")[0])
     out = []
-    for part in split_evenly(list(range(len(my))), calls):
+    for part in torch.arange(len(my)).tensor_split(calls):            # nearly equal, contiguous
+        part = part.tolist()
         seeds = row_seeds(args.seed, step, [(my[q], i) for q in part for i in range(n)])
         with rt.amp():
             out.append(generate(student, tokenizer, [prompts[q] for q in part], n, args.max_new_tokens, args.temperature,
                                 args.top_p, args.top_k, seeds if args.seeded_sampling else None, lp_temp, rt.fsdp))
     return {k: _pad_cat([o[k] for o in out], k, tokenizer.pad_token_id) for k in out[0]}
-
-
-def verify_rollouts(tokenizer, batch, golds, n, device, grader="verify"):
-    """Phase 2: R_i in {0, 1}: the last \\boxed answer equals the gold one, and the response was not cut off."""
-    texts = tokenizer.batch_decode(batch["response_ids"] * batch["response_mask"], skip_special_tokens=True)
-    judge = official_reward if grader == "official" else reward
-    return torch.tensor([judge(texts[i], golds[i // n], bool(batch["truncated"][i])) for i in range(len(texts))],
-                        device=device)                                # (B*n,)
 
 
 def method_loss(args, logp, part, w, adv, logp_teacher, logp_ref, counts):
@@ -1805,13 +1051,6 @@ def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
     barrier()
 
 
-def latest_checkpoint(out):
-    for d in (out / "checkpoint", out / "checkpoint.old"):           # .old survives a crash mid-rename
-        if (d / "state.json").exists():
-            return d
-    return None
-
-
 def resume(ckpt, student, opt, rt, out):
     """Restore optimizer (re-sharded over this run's ranks) and RNG state; drop metric lines the checkpoint does not
     cover. The weights were loaded from the checkpoint directory. Returns the start step."""
@@ -1839,23 +1078,22 @@ def train(args):
     rt = setup(args)
     say = print if rt.rank == 0 else (lambda *a, **k: None)
     student_name, teacher_name, rows, evaluate = args.student, args.teacher, None, None
-    if not (args.student and args.teacher and args.data):             # the embedded default fills the gaps
-        student_name, teacher_name, rows, evaluate = embedded_default(args, say)
+    if not (args.student and args.teacher and args.data):             # the embedded default (harness) fills the gaps
+        import tiny_testbed
+        student_name, teacher_name, rows, evaluate = tiny_testbed.embedded_default(args, say)
     rows = rows or load_problems(args.data)
     if args.eval_every and not evaluate:
         say("eval_every: periodic evaluation runs on the tiny task only; evaluate checkpoints with `python -m eval`")
-    if rt.rank == 0:
+    if rt.rank == 0:                                                  # the estimate, before step 1 (README)
         from transformers import AutoConfig
-        try:
+        with contextlib.suppress(OSError):                            # load_models says what is missing
             have = torch.cuda.get_device_properties(rt.device).total_memory / 2**30 if rt.device.type == "cuda" else 0
-            plan, peak = memory_plan(args, AutoConfig.from_pretrained(student_name),
-                                     AutoConfig.from_pretrained(teacher_name), rt.world, have or 80.0)
-            say(plan + (f"\n  this GPU has {have:.0f} GiB: " + ("fits" if peak < 0.9 * have else
-                "LIKELY OUT OF MEMORY: lower rollout_tokens / micro_batch_tokens / score_tokens") if have else ""))
-        except OSError:
-            pass                                                      # load_models says what is missing
+            say(memory_plan(args, AutoConfig.from_pretrained(student_name), AutoConfig.from_pretrained(teacher_name),
+                            rt.world, have)[0])
     out = Path(args.out_dir)
-    ckpt = latest_checkpoint(out) if args.resume else None
+    found = [d for d in (out / "checkpoint", out / "checkpoint.old") if (d / "state.json").exists()]  # .old: left
+    ckpt = found[0] if args.resume and found else None                                  # by a crash mid-rename
+
     tokenizer, student, teacher, ref, opt = load_models(args, rt, student_name, teacher_name, ckpt)
     start = resume(ckpt, student, opt, rt, out) if ckpt else 0
     engine = VLLMRollouts(args, student_name, rt.rank) if args.rollout_engine == "vllm" and args.method != "kd" else None
@@ -1909,10 +1147,10 @@ def log_step(step, record, batch, t, device):
     return record if math.isnan(gap) else {**record, "rollout/sampler_gap": gap / max(tok, 1.0)}
 
 
-def memory_plan(args, s, t, world, gpu_gib=80.0):
+def memory_plan(args, s, t, world, gpu_gib=0.0):
     """Estimated GiB per rank, from the model configs s (student) and t (teacher): what stays resident plus the
-    largest phase (README: memory plan); the vLLM engine takes vllm_gpu_memory of a gpu_gib GPU while it is awake.
-    -> (table text, peak GiB)."""
+    largest phase (README: memory plan); the vLLM engine takes vllm_gpu_memory of a gpu_gib GPU (0: of 80 GiB, and
+    no verdict) while it is awake. -> (table text, peak GiB)."""
     def params(c):                                                    # decoder-only transformer, biases ignored
         kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
         layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
@@ -1928,7 +1166,7 @@ def memory_plan(args, s, t, world, gpu_gib=80.0):
                 "GRPO reference (replicated)": half * ps * (args.method == "grpo"),
                 "gathered: embeddings + output layer, 2 decoder layers": half * (root + 2 * layer)}
     rollouts = ("rollouts: KV cache (rollout_tokens)", args.rollout_tokens * kv_bytes) if args.rollout_engine == "hf" \
-        else ("rollouts: vLLM engine awake (vllm_gpu_memory x GPU)", args.vllm_gpu_memory * gpu_gib * gib)
+        else ("rollouts: vLLM engine awake (vllm_gpu_memory x GPU)", args.vllm_gpu_memory * (gpu_gib or 80.0) * gib)
     phases = {rollouts[0]: rollouts[1],
               "scoring: teacher activations (score_tokens)": args.score_tokens * (4 * t.hidden_size + t.intermediate_size) * half,
               "update: fp32 grads (sharded) + activations (micro_batch_tokens) + log-prob blocks": 4 * ps / world
@@ -1936,6 +1174,9 @@ def memory_plan(args, s, t, world, gpu_gib=80.0):
     peak = (sum(resident.values()) + max(phases.values())) / gib
     rows = [f"  {k:80s} {v / gib:6.1f} GiB" for k, v in {**resident, **phases, "peak: resident + the largest phase":
                                                            peak * gib}.items()]
+    if gpu_gib:
+        rows.append(f"  this GPU has {gpu_gib:.0f} GiB: " + ("fits" if peak < 0.9 * gpu_gib else
+                    "LIKELY OUT OF MEMORY: lower rollout_tokens / micro_batch_tokens / score_tokens"))
     return f"memory plan per rank, {world} ranks (estimate):\n" + "\n".join(rows), peak
 
 

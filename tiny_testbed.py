@@ -27,6 +27,8 @@ import sympy
 import torch
 
 import scope
+import verifier
+from eval.metrics import unbiased_pass_at_k
 
 # ----------------------------------------------------------------------------------------------------
 # the task: +/- chains of digits (3, 4, 5 terms) and same-denominator fractions, with chain-of-thought solutions
@@ -158,7 +160,7 @@ def evaluate(model, tokenizer, rows, k, args, seed_key, rt=None):
     calls = int(scope.all_reduce([math.ceil(len(mine) / 16)], device, "max")[0])
     levels = sorted({r.get("level", "all") for r in rows})
     correct = {lv: [0.0] * (k + 1) for lv in levels}                 # per level: problems with c correct, c = 0..k
-    for part in scope.split_evenly(mine, max(calls, 1)):
+    for part in ([mine[q] for q in p.tolist()] for p in torch.arange(len(mine)).tensor_split(max(calls, 1))):
         prompts = [scope.prompt_text(tokenizer, rows[i]["problem"], args.instruction) for i in part]
         seeds = scope.row_seeds(seed_key, [i * k + j for i in part for j in range(k)]) if args.seeded_sampling else None
         with (rt.amp() if rt else contextlib.nullcontext()):
@@ -166,7 +168,7 @@ def evaluate(model, tokenizer, rows, k, args, seed_key, rt=None):
                          seeds, synced=bool(rt and rt.fsdp))
         texts = tokenizer.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
         for q, i in enumerate(part):
-            c = sum(scope.reward(texts[q * k + j], rows[i]["answer"], bool(b["truncated"][q * k + j])) for j in range(k))
+            c = sum(verifier.reward(texts[q * k + j], rows[i]["answer"], bool(b["truncated"][q * k + j])) for j in range(k))
             correct[rows[i].get("level", "all")][int(c)] += 1
     flat = scope.all_reduce([x for lv in levels for x in correct[lv]], device)
     hist = {lv: flat[i * (k + 1):(i + 1) * (k + 1)] for i, lv in enumerate(levels)}
@@ -175,8 +177,22 @@ def evaluate(model, tokenizer, rows, k, args, seed_key, rt=None):
     for lv, h in sorted(hist.items(), key=lambda x: x[0] == "all"):
         total = max(sum(h), 1.0)
         out[f"eval/{lv}/avg@{k}"] = sum(c * h[c] for c in range(k + 1)) / (k * total)
-        out[f"eval/{lv}/pass@{k}"] = sum(scope.pass_at_k(k, c, k) * h[c] for c in range(k + 1)) / total
+        out[f"eval/{lv}/pass@{k}"] = sum(unbiased_pass_at_k(k, c, k) * h[c] for c in range(k + 1)) / total
     return out
+
+
+def embedded_default(args, log):
+    """What `python scope.py` uses for whatever the user did not name: the tiny models, the tiny task, and periodic
+    evaluation on its test split. -> (student, teacher, train rows or None, evaluate or None)."""
+    student, teacher = args.student, args.teacher
+    if not student or not teacher:
+        dirs = build_tiny_models(args.cache_dir, log=log, threads=args.threads)
+        student, teacher = student or str(dirs[0]), teacher or str(dirs[1])
+    if args.data:
+        return student, teacher, None, None
+    test = tiny_task("test", args.eval_problems, args.seed)
+    return student, teacher, tiny_task("train", 20000, args.seed), lambda model, tokenizer, rt: evaluate(
+        model, tokenizer, test, args.eval_k, args, (args.seed, "eval"), rt)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import scope  # noqa: E402
+import verifier  # noqa: E402
 import tiny_testbed  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def main():
     texts = tok.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
     mixed = 0
     for i, r in enumerate(rows):
-        c = sum(scope.reward(texts[i * 8 + j], r["answer"], bool(b["truncated"][i * 8 + j])) for j in range(8))
+        c = sum(verifier.reward(texts[i * 8 + j], r["answer"], bool(b["truncated"][i * 8 + j])) for j in range(8))
         mixed += 0 < c < 8
     print(f"student groups of 8 rollouts (64 training prompts, T=1.0) holding both correct and incorrect: {mixed}/64")
 

@@ -1,4 +1,4 @@
-"""Accuracy and latency of scope.is_equiv on the labelled cases of tests/verifier_cases.py, with math-verify
+"""Accuracy and latency of verifier.is_equiv on the labelled cases of tests/verifier_cases.py, with math-verify
 scored side by side on the same cases when it is importable (a developer's comparison tool, not a dependency).
 
     python bench/verifier.py
@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import scope  # noqa: E402
+import verifier  # noqa: E402
 from verifier_cases import CASES  # noqa: E402
 
 
@@ -47,10 +47,10 @@ def score(name, judge):
 
 
 def main():
-    scope.is_equiv("1", "1")  # warm-up (imports, caches) is not part of any case
+    verifier.is_equiv("1", "1")  # warm-up (imports, caches) is not part of any case
     print(f"{len(CASES)} labelled cases; times in ms per case\n")
     print("| verifier | accuracy | median | p99 | max |\n|---|---|---|---|---|")
-    wrong = {"scope.is_equiv": score("scope.is_equiv", scope.is_equiv)}
+    wrong = {"verifier.is_equiv": score("verifier.is_equiv", verifier.is_equiv)}
     mv = math_verify_judge()
     if mv is None:
         print("| math-verify | not installed | | | |")

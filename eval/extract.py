@@ -1,10 +1,10 @@
 """Evaluation's answer extraction (README, "verifier policy"): finding the final answer of a response that may not
-box it, the way community evaluation harnesses do. The equality test itself is scope.is_equiv, the same one the
-training reward uses; training reads only the last box (scope.reward).
+box it, the way community evaluation harnesses do. The equality test itself is verifier.is_equiv, the same one the
+training reward uses; training reads only the last box (verifier.reward).
 """
 import re
 
-import scope
+import verifier
 
 _ANSWER_RE = re.compile(r"(?:answer|答案)\s*(?:is|是|:|：|=)?\s*[:：]?\s*", re.I)
 _MATH_RE = re.compile(r"\$\$(.+?)\$\$|\\\[(.+?)\\\]|\\\(([^\n]+?)\\\)|(?<![\\$])\$([^$\n]+?)(?<!\\)\$", re.S)
@@ -26,16 +26,16 @@ def evaluation_answer(text):
     1. the last \\boxed{} / \\fbox{} / \\framebox{};  2. a short response with no prose is the answer itself;
     3. the first sentence after the last "answer is" / "answer:" (its closing math span, or what follows its last
     " is ");  4. the last display or inline math span;  5. the last number. Training does not use this: its reward
-    needs a box (`scope.reward`). -> str or None."""
+    needs a box (`verifier.reward`). -> str or None."""
     if not isinstance(text, str):
         return None
-    boxed = scope.extract_boxed(text)
+    boxed = verifier.extract_boxed(text)
     if boxed is not None:
         return boxed
     bare = text.strip().strip("$").strip()
-    if len(bare) <= scope.MAX_ANSWER_CHARS and not _has_prose(bare):
+    if len(bare) <= verifier.MAX_ANSWER_CHARS and not _has_prose(bare):
         return bare                                               # "x^2+2x+1", "\frac{1}{2}", "1 000"
-    tail = text[-4 * scope.MAX_ANSWER_CHARS:]                     # the answer sits at the end; bounds the regexes
+    tail = text[-4 * verifier.MAX_ANSWER_CHARS:]                     # the answer sits at the end; bounds the regexes
     cue = None
     for cue in _ANSWER_RE.finditer(tail):
         pass
@@ -65,7 +65,7 @@ def evaluation_answer(text):
 def gold_answer(gold):
     """A gold answer as stored: its boxes (several, side by side: one list) or its $...$ / \\( \\) / \\[ \\] removed."""
     gold = gold.strip()
-    boxes = scope.box_list(gold)
+    boxes = verifier.box_list(gold)
     if boxes:
         return ", ".join(boxes)
     if _has_prose(gold) and len(gold) > 200:                      # a worked solution, not an answer
@@ -78,5 +78,5 @@ def verify(response, gold, truncated=False, extraction="lenient"):
     (the last box, as training reads it); the gold loses its box(es) or math delimiters first (gold_answer)."""
     if not isinstance(gold, str):
         return 0.0
-    extract = evaluation_answer if extraction == "lenient" else scope.extract_boxed
-    return scope.verify_response(response, gold_answer(gold), truncated, extract)
+    extract = evaluation_answer if extraction == "lenient" else verifier.extract_boxed
+    return verifier.verify_response(response, gold_answer(gold), truncated, extract)

@@ -1,8 +1,7 @@
 """Avg@k, unbiased Pass@k and the official code's bootstrap Pass@k."""
 
+import math
 import random
-
-import scope
 
 
 def avg_at_k(correct_counts, n):
@@ -10,9 +9,16 @@ def avg_at_k(correct_counts, n):
     return sum(c / n for c in correct_counts) / len(correct_counts)
 
 
+def unbiased_pass_at_k(n, c, k):
+    """Unbiased pass@k of one problem (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), from n samples, c correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def pass_at_k(correct_counts, n, k):
     """Unbiased estimator 1 - C(n-c, k) / C(n, k) per problem (Chen et al. 2021), averaged over problems."""
-    return sum(scope.pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts)
+    return sum(unbiased_pass_at_k(n, c, k) for c in correct_counts) / len(correct_counts)
 
 
 def bootstrap_pass_at_k(correct_lists, k, n_bootstrap=1000, seed=42):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import scope
+import verifier
 from eval import benchmarks, extract, metrics
 
 PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -194,7 +195,7 @@ def evaluate(args, generator=None, progress=True, rank=0, world=1):
                 chunk = todo[i:i + step]
                 for r, res in zip(chunk, generator(name, chunk, args.n)):
                     for j, (text, truncated) in enumerate(res):
-                        rec = {"problem_id": r["id"], "sample": j, "response": text, "extracted": scope.extract_boxed(text),
+                        rec = {"problem_id": r["id"], "sample": j, "response": text, "extracted": verifier.extract_boxed(text),
                                "answer": extract.evaluation_answer(text) if args.extraction == "lenient" else None,
                                "correct": bool(extract.verify(text, r["answer"], truncated, args.extraction)),
                                "truncated": truncated}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import scope
+import verifier
 from eval import extract
 from conftest import SHARED_BENCHMARKS
 from verifier_cases import CASES
@@ -35,7 +35,7 @@ def test_enough_cases_in_every_category():
 
 @pytest.mark.parametrize("category,pred,gold,expected", CASES, ids=[f"{c}-{i}" for i, (c, *_) in enumerate(CASES)])
 def test_labelled_case(category, pred, gold, expected):
-    got, seconds = timed(scope.is_equiv, pred, gold)
+    got, seconds = timed(verifier.is_equiv, pred, gold)
     assert got is expected
     assert seconds < BOUND_S
 
@@ -57,16 +57,16 @@ def test_labelled_case(category, pred, gold, expected):
     ("\\boxedx{3}", None),
 ])
 def test_extract_boxed(text, expected):
-    assert scope.extract_boxed(text) == expected
+    assert verifier.extract_boxed(text) == expected
 
 
 def test_reward_rules():
-    assert scope.reward("... \\boxed{\\frac12}", "0.5") == 1.0
-    assert scope.reward("... \\boxed{\\frac12}", "0.5", truncated=True) == 0.0    # cut at the length limit
-    assert scope.reward("the answer is 0.5", "0.5") == 0.0                        # no box
-    assert scope.reward("\\boxed{}", "0.5") == 0.0                                # empty box
-    assert scope.reward("\\boxed{ }", "0.5") == 0.0
-    assert scope.reward("\\boxed{0.5} no wait \\boxed{0.6}", "0.5") == 0.0        # the LAST box counts
+    assert verifier.reward("... \\boxed{\\frac12}", "0.5") == 1.0
+    assert verifier.reward("... \\boxed{\\frac12}", "0.5", truncated=True) == 0.0    # cut at the length limit
+    assert verifier.reward("the answer is 0.5", "0.5") == 0.0                        # no box
+    assert verifier.reward("\\boxed{}", "0.5") == 0.0                                # empty box
+    assert verifier.reward("\\boxed{ }", "0.5") == 0.0
+    assert verifier.reward("\\boxed{0.5} no wait \\boxed{0.6}", "0.5") == 0.0        # the LAST box counts
 
 
 # ---------------------------------------------------------------------------- hostile inputs
@@ -106,10 +106,10 @@ def test_hostile_inputs_are_refused_fast_and_harmless(text):
     if os.path.exists("/tmp/scope_pwned"):
         os.remove("/tmp/scope_pwned")
     for pred, gold in ((text, "5"), ("5", text), (text, text[:100] + "+1")):
-        got, seconds = timed(scope.is_equiv, pred, gold)
+        got, seconds = timed(verifier.is_equiv, pred, gold)
         assert got is False or pred == gold
         assert seconds < BOUND_S, f"{seconds:.2f}s"
-    _, seconds = timed(scope.reward, "\\boxed{" + text + "}", "5")
+    _, seconds = timed(verifier.reward, "\\boxed{" + text + "}", "5")
     assert seconds < BOUND_S
     assert not os.path.exists("/tmp/scope_pwned")
 
@@ -119,7 +119,7 @@ def test_time_bound_holds_in_a_worker_thread():
 
     def work():
         for text in HOSTILE[:6] + ["\\sin^2 x + \\cos^2 x"]:
-            results.append(timed(scope.is_equiv, text, "1"))
+            results.append(timed(verifier.is_equiv, text, "1"))
 
     t = threading.Thread(target=work)
     t.start()
@@ -138,9 +138,9 @@ LATEX_ALPHABET = list("0123456789+-*/^_{}()[]|,.=<> xyabe!") + [
 @given(st.text(max_size=60) | st.lists(st.sampled_from(LATEX_ALPHABET), max_size=40).map("".join),
        st.sampled_from(["1", "\\frac{1}{2}", "(1,2)", "x+1", "\\{1,2\\}", "[0,1)", "x>2"]))
 def test_fuzz_never_crashes_and_stays_bounded(text, gold):
-    got, seconds = timed(scope.is_equiv, text, gold)
+    got, seconds = timed(verifier.is_equiv, text, gold)
     assert isinstance(got, bool) and seconds < BOUND_S
-    got, seconds = timed(scope.reward, text, gold)
+    got, seconds = timed(verifier.reward, text, gold)
     assert got in (0.0, 1.0) and seconds < BOUND_S
 
 
@@ -159,13 +159,13 @@ def load(name):
 def test_every_gold_matches_itself_and_its_boxed_form(name):
     for row in load(name):
         gold = row["answer"]
-        assert scope.is_equiv(gold, gold), row["id"]
-        assert scope.reward(f"Reasoning... so the final answer is \\boxed{{{gold}}}.", gold) == 1.0, row["id"]
+        assert verifier.is_equiv(gold, gold), row["id"]
+        assert verifier.reward(f"Reasoning... so the final answer is \\boxed{{{gold}}}.", gold) == 1.0, row["id"]
 
 
 def test_math500_solutions_verify_against_gold():
     rows = load("math500")
-    ok = [scope.reward(r["solution"], r["answer"]) == 1.0 for r in rows]
+    ok = [verifier.reward(r["solution"], r["answer"]) == 1.0 for r in rows]
     rate = sum(ok) / len(rows)
     print(f"MATH500 reference solutions verified: {sum(ok)}/{len(rows)} = {rate:.3f}")
     assert rate >= 0.99, [r["id"] for r, k in zip(rows, ok) if not k]
@@ -176,7 +176,7 @@ def test_another_problems_gold_is_rejected(name):
     rows = load(name)
     pairs = [(rows[i]["answer"], rows[(i + 1) % len(rows)]["answer"]) for i in range(len(rows))]
     pairs = [(p, g) for p, g in pairs if p.replace(" ", "") != g.replace(" ", "")]   # identical golds are right to match
-    accepted = [(p, g) for p, g in pairs if scope.is_equiv(p, g)]
+    accepted = [(p, g) for p, g in pairs if verifier.is_equiv(p, g)]
     print(f"{name}: {len(accepted)}/{len(pairs)} shifted pairs accepted")
     assert len(accepted) <= 0.01 * len(pairs), accepted
 
@@ -225,13 +225,13 @@ def test_evaluation_answer_order(text, expected):
 
 def test_training_reward_is_boxed_only_and_evaluation_is_lenient():
     unboxed = "We compute carefully and conclude. The answer is 5."
-    assert scope.reward(unboxed, "5") == 0.0                                   # training: a box is required
+    assert verifier.reward(unboxed, "5") == 0.0                                   # training: a box is required
     assert extract.verify(unboxed, "5") == 1.0                          # evaluation: found as harnesses do
     assert extract.verify(unboxed, "5", extraction="boxed") == 0.0
-    assert scope.reward("Solutions: \\boxed{1} and \\boxed{2}", "1, 2") == 1.0  # boxes side by side: one list
-    assert scope.reward("We get \\boxed{1}, which fails; so it is \\boxed{2}", "1, 2") == 0.0   # prose between
-    assert scope.reward("\\boxed{2}", "$\\boxed{1} and \\boxed{2}$") == 0.0    # a gold list needs every item
-    assert scope.reward("so \\boxed{5}", "5", truncated=True) == 0.0
+    assert verifier.reward("Solutions: \\boxed{1} and \\boxed{2}", "1, 2") == 1.0  # boxes side by side: one list
+    assert verifier.reward("We get \\boxed{1}, which fails; so it is \\boxed{2}", "1, 2") == 0.0   # prose between
+    assert verifier.reward("\\boxed{2}", "$\\boxed{1} and \\boxed{2}$") == 0.0    # a gold list needs every item
+    assert verifier.reward("so \\boxed{5}", "5", truncated=True) == 0.0
 
 
 @pytest.mark.parametrize("pred,gold,expected", [
@@ -248,7 +248,7 @@ def test_training_reward_is_boxed_only_and_evaluation_is_lenient():
 ])
 def test_policy_classes(pred, gold, expected):
     """The equivalence classes of issue #10, one or two cases each (written here: a regression check)."""
-    assert scope.is_equiv(pred, gold) is expected
+    assert verifier.is_equiv(pred, gold) is expected
 
 
 def test_evaluation_answer_is_bounded_on_hostile_text():
@@ -260,11 +260,11 @@ def test_evaluation_answer_is_bounded_on_hostile_text():
 
 def test_official_grader_is_a_string_match_after_math_normalisation():
     """--grader official (the released code's training grader): normalised strings must be identical."""
-    assert scope.official_reward("so \\boxed{\\frac12}", "1/2") == 1.0
-    assert scope.official_reward("so \\boxed{0.5}", "\\frac{1}{2}") == 1.0       # the one decimal rule it has
-    assert scope.official_reward("so \\boxed{2/4}", "1/2") == 0.0                # no equivalence beyond strings
-    assert scope.official_reward("so \\boxed{x = 5}", "5") == 1.0
-    assert scope.official_reward("so \\boxed{10\\%}", "10") == 1.0
-    assert scope.official_reward("The answer is 5", "5") == 0.0                  # boxed only
-    assert scope.official_reward("so \\boxed{5}", "5", truncated=True) == 0.0
-    assert scope.is_equiv("2/4", "1/2")                                           # the default grader: equivalence
+    assert verifier.official_reward("so \\boxed{\\frac12}", "1/2") == 1.0
+    assert verifier.official_reward("so \\boxed{0.5}", "\\frac{1}{2}") == 1.0       # the one decimal rule it has
+    assert verifier.official_reward("so \\boxed{2/4}", "1/2") == 0.0                # no equivalence beyond strings
+    assert verifier.official_reward("so \\boxed{x = 5}", "5") == 1.0
+    assert verifier.official_reward("so \\boxed{10\\%}", "10") == 1.0
+    assert verifier.official_reward("The answer is 5", "5") == 0.0                  # boxed only
+    assert verifier.official_reward("so \\boxed{5}", "5", truncated=True) == 0.0
+    assert verifier.is_equiv("2/4", "1/2")                                           # the default grader: equivalence
