@@ -76,10 +76,78 @@ HELD_OUT = {
         ("\\frac{63}{400}", "\\boxed{\\frac{63}{400}}", True), ("\\frac{63}{400}", "\\boxed{\\frac{64}{400}}", False),
         ("6", "\\boxed{3}", False)],
 }
+# Wave 2 (2026-11-28, afternoon): suites added after the verifier had been extended on every suite above, measured
+# before any change made for them (split "held-out-2", README). Parametrized tests whose cases are not (gold, pred,
+# expected) triples: per test, [(pred, gold, label)], where "$name" is that argument of the parametrize list.
+PARAM_SUITES = {
+    ("UKGovernmentBEIS/inspect_ai", "tests/scorer/test_math.py"): {
+        "test_assignment_target_matches_either_orientation": [("2", "$target", True)],
+        "test_percentage_suffixes_are_normalized": [("$answer", "$target", True)],
+        "test_constant_tuple_mismatch_is_incorrect": [("$answer", "2", False)],
+        "test_grouped_thousands_are_treated_as_numbers": [("$answer", "$target", True)],
+        "test_grouped_thousands_normalization_leaves_structures_intact": [("$answer", "$answer", True),
+                                                                          ("$answer", "12", False)],
+        "test_latex_thin_space_thousands_are_numbers": [("$answer", "$target", True)],
+        "test_exact_large_integers_are_not_approximated": [("$answer", "$target", False)],
+        "test_approximate_values_still_match": [("$answer", "$target", True)],
+        "test_assignment_targets_accept_their_value": [("$answer", "$target", True)],
+        "test_prose_wrapped_numeric_answers_are_extracted": [("$answer", "$target", True)]},
+    ("NovaSky-AI/SkyThought", "tests/evals/util/test_math_parsing.py"): {
+        "test_math_equal": [("$prediction", "$reference", "$expected")]},
+}
+# `assert f(pred, gold) == 1.0 / 0.0` (also `is True`, `is False`, bare, `not`): (function, pred position, gold
+# position, tests left out).
+CALL_SUITES = {
+    ("zai-org/GLM-V", "glmv_reward/tests/stem/test_math_verifier.py"): (
+        "judge", 0, 1, {"test_math_verifier_judge_multiple_choice"}),               # letters
+}
+# `reward = f(..., completions=pred, answer=gold)` then `assert reward == 1.0 / 0.0`.
+KEYWORD_SUITES = [("inclusionAI/AReaL", "tests/test_math_verify_reward.py", "completions", "answer")]
+# JSON case files: (repo, path, pred field, gold field, label field, value meaning "equal").
+JSON_SUITES = [("UKGovernmentBEIS/inspect_ai", "tests/scorer/math_cases.json", "output", "target", "expected", "C")]
+# A suite deleted upstream is read at the commit before its deletion.
+REVS = {"NovaSky-AI/SkyThought": "747a1521168b8d43e9bd04ac5c139495789b216a^"}
+HELD_OUT_2 = {
+    ("UKGovernmentBEIS/inspect_ai", "tests/scorer/test_math.py", "test_math_scorer_uses_last_boxed_answer"): [
+        ("42", "\\boxed{10} and then \\boxed{42}", True), ("\\{10,42\\}", "\\boxed{10} and then \\boxed{42}", False)],
+    ("UKGovernmentBEIS/inspect_ai", "tests/scorer/test_math.py", "test_prose_fallback_does_not_manufacture_*"): [
+        ("42", "The perimeter is 7", False)],
+    ("UKGovernmentBEIS/inspect_ai", "tests/scorer/test_math.py", "test_text_answer_is_not_overridden_*"): [
+        ("odd $n$", "odd $n$", True)],
+    ("UKGovernmentBEIS/inspect_ai", "tests/scorer/test_math.py", "test_constant_tuple_self_match_is_correct"): [
+        ("(0, 1)", "(0, 1)", True)],
+    ("rllm-org/rllm", "tests/rewards/test_math_reward.py", "TestMathReward"): [
+        ("4", "<think>2 + 2 = 4</think>\nThe answer is \\boxed{4}.", True),
+        ("4", "<think>2 + 2 = 5</think>\nThe answer is \\boxed{5}.", False),
+        ("4", "<think>2 + 2 = 4</think>\nThe answer is 4.", False),
+        ("x = 2, x = -3", "<think>Let me solve this quadratic equation</think>\nThe answer is \\boxed{x = 2, x = -3}.",
+         True),
+        ("\\boxed{24}", "<think>Let me calculate this carefully</think>\nThe answer is \\boxed{24}.", True),
+        ("3.14159", "<think>The answer is approximately pi</think>\nThe answer is \\boxed{3.14159}.", True),
+        ("1/2", "<think>Let me simplify this fraction</think>\nThe answer is \\boxed{\\frac{1}{2}}.", True),
+        ("10", "<think>5 + 5 = 10</think>\nThe answer is \\boxed{10}.", True),
+        ("10", "<think>5 + 5 = 11</think>\nThe answer is \\boxed{11}.", False)],
+    ("allenai/open-instruct", "open_instruct/test_ground_truth_utils.py", "TestGSM8KVerifier"): [
+        ("-3", "Therefore the answer is -3", True), ("+7", "Therefore the answer is +7", True),
+        ("-3.5", "Final answer: -3.5", True), ("-3", "The result is \\\\boxed{-3}", True),
+        ("-3", "Therefore the answer is 3", False)],
+    ("PrimeIntellect-ai/verifiers", "tests/test_math_rubric.py", "TestMathRubric.test_score_*_answers"): [
+        ("1", "\\boxed{1}", True), ("1 + x", "\\boxed{x + 1}", True), ("0.5", "\\boxed{\\frac{1}{2}}", True),
+        ("2", "\\boxed{1}", False), ("0.5", "\\boxed{\\frac{1}{3}}", False)],
+    ("huggingface/trl", "tests/test_rewards.py", "TestAccuracyReward"): [
+        ("\\frac{63}{400}", "\\boxed{\\frac{63}{400}}", True), ("63/400", "\\boxed{\\frac{63}{400}}", True),
+        ("\\frac{63}{400}", "\\boxed{\\frac{64}{400}}", False), ("6", "\\boxed{3}", False),
+        ("\\frac{1}{3}", "\\boxed{\\frac{1}{3}}", True)],
+}
 COMMITS = {"Ascend/MindSpeed-RL": "", "volcengine/verl": "d69068d2a32b985e759049da6f801a039b94b31b",
            "groq/openbench": "", "cklxx/slime": "5827e3c13dd861118dc188a94a0dcad9335bcbc2",
            "modelscope/Trinity-RFT": "8e2776b90bdad23156e6077515db7bfa28211d2a",
-           "huggingface/open-r1": "1416fa0cf21595d2083b399a2a0bbddd7f6e9563"}
+           "huggingface/open-r1": "1416fa0cf21595d2083b399a2a0bbddd7f6e9563",
+           "UKGovernmentBEIS/inspect_ai": "499e6152e7b8fc8cbd8ac5283536572aa6e4ab17",
+           "rllm-org/rllm": "9beb6e0f676a46d38858991fd79ac5f8e0b16d4c",
+           "allenai/open-instruct": "e6c3044aa6201c8bfa4573c1b03142af599e730d",
+           "PrimeIntellect-ai/verifiers": "a60a606ecc4d309247edf9ff92c3eabca362781f",
+           "huggingface/trl": "f2cd57710ae345ea6428ae95363267fcf38a3dc8"}
 
 
 # Where the project's policy (README, "verifier policy") labels a case differently from its suite: (gold, pred) ->
@@ -164,6 +232,65 @@ def unittest_cases(src):
                     yield fn.name, v["test_in"], v["test_out"], call.func.attr == "assertTrue"
 
 
+def param_cases(src, spec):
+    """(test, gold, pred, label) from the parametrize lists of the tests named in spec (see PARAM_SUITES)."""
+    for fn in ast.walk(ast.parse(src)):
+        if not isinstance(fn, ast.FunctionDef) or fn.name not in spec:
+            continue
+        for d in fn.decorator_list:
+            if not (isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "parametrize"):
+                continue
+            names = literal(d.args[0])
+            names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)]
+            for elt in d.args[1].elts:
+                row = literal(elt)
+                if row is None:
+                    continue
+                rec = dict(zip(names, row if len(names) > 1 else (row,)))
+                for pred, gold, label in spec[fn.name]:
+                    get = (lambda x: rec[x[1:]] if isinstance(x, str) and x.startswith("$") else x)
+                    p, g, lab = get(pred), get(gold), get(label)
+                    if isinstance(p, str) and isinstance(g, str):
+                        yield fn.name, g, p, bool(lab)
+
+
+def call_cases(src, func, pred_at, gold_at, skip):
+    """(test, gold, pred, label) from `assert <...>.func(a, b) == 1.0 / 0.0`, `is True / False`, bare or `not`."""
+    for fn in ast.walk(ast.parse(src)):
+        if not isinstance(fn, ast.FunctionDef) or fn.name in skip:
+            continue
+        for node in ast.walk(fn):
+            if not isinstance(node, ast.Assert):
+                continue
+            t, label = node.test, True
+            if isinstance(t, ast.UnaryOp) and isinstance(t.op, ast.Not):
+                t, label = t.operand, False
+            if isinstance(t, ast.Compare) and len(t.comparators) == 1:
+                value = literal(t.comparators[0])
+                t, label = t.left, bool(value) if isinstance(t.ops[0], (ast.Eq, ast.Is)) else not value
+            if isinstance(t, ast.Call) and (getattr(t.func, "attr", None) or getattr(t.func, "id", None)) == func:
+                args = [literal(a) for a in t.args]
+                if len(args) > max(pred_at, gold_at) and isinstance(args[pred_at], str) and isinstance(args[gold_at], str):
+                    yield fn.name, args[gold_at], args[pred_at], label
+
+
+def keyword_cases(src, pred_kw, gold_kw):
+    """(test, gold, pred, label) from `r = f(..., pred_kw=..., gold_kw=...)` and a later `assert r == 1.0 / 0.0`."""
+    for fn in ast.walk(ast.parse(src)):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        calls = {}
+        for stmt in fn.body:
+            if isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call) and isinstance(stmt.targets[0], ast.Name):
+                calls[stmt.targets[0].id] = {k.arg: literal(k.value) for k in stmt.value.keywords}
+            t = stmt.test if isinstance(stmt, ast.Assert) else None
+            if isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and isinstance(t.ops[0], ast.Eq) and \
+                    isinstance(t.comparators[0], ast.Constant):
+                call = calls.get(t.left.id, {})
+                if isinstance(call.get(pred_kw), str) and isinstance(call.get(gold_kw), str):
+                    yield fn.name, call[gold_kw], call[pred_kw], bool(t.comparators[0].value)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--mirror", default="/work/.mirror")
@@ -176,7 +303,8 @@ def main():
         if key in seen:
             seen[key].setdefault("also_in", []).append(source)
             return
-        rec = {"gold": gold, "pred": pred, "upstream": label, "source": source, "split": "held-out" if held_out else "dev"}
+        split = held_out if isinstance(held_out, str) else "held-out" if held_out else "dev"
+        rec = {"gold": gold, "pred": pred, "upstream": label, "source": source, "split": split}
         if options:
             rec["options"] = options
         seen[key] = rec
@@ -196,6 +324,18 @@ def main():
             for gold, pred, label in rows:
                 add(gold, pred, label, f"{repo}@{COMMITS[repo][:12] or 'unpinned'}:{path}::{test} (transcribed)",
                     held_out=held_out)
+    wave2 = [(repo, path, lambda src, spec=spec: param_cases(src, spec)) for (repo, path), spec in PARAM_SUITES.items()]
+    wave2 += [(repo, path, lambda src, a=args: call_cases(src, *a)) for (repo, path), args in CALL_SUITES.items()]
+    wave2 += [(repo, path, lambda src, p=p, g=g: keyword_cases(src, p, g)) for repo, path, p, g in KEYWORD_SUITES]
+    wave2 += [(repo, path, lambda src, f=f: ((path.split("/")[-1], str(c[f[1]]), str(c[f[0]]), c[f[2]] == f[3])
+                                             for c in json.loads(src))) for repo, path, *f in JSON_SUITES]
+    for repo, path, read in wave2:
+        commit = git(mirror, repo, "rev-parse", REVS.get(repo, "HEAD")).strip()
+        for test, gold, pred, label in read(git(mirror, repo, "show", f"{commit}:{path}")):
+            add(gold, pred, label, f"{repo}@{commit[:12]}:{path}::{test}", held_out="held-out-2")
+    for (repo, path, test), rows in HELD_OUT_2.items():
+        for gold, pred, label in rows:
+            add(gold, pred, label, f"{repo}@{COMMITS[repo][:12]}:{path}::{test} (transcribed)", held_out="held-out-2")
     for c in cases:
         if (c["gold"], c["pred"]) in POLICY:
             c["label"], c["reason"] = POLICY[(c["gold"], c["pred"])]

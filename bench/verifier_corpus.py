@@ -6,7 +6,7 @@ the same cases when it is importable (a developer's comparison, not a dependency
     python bench/verifier_corpus.py --misses   # also every case the verifier gets wrong
 
 Each case is judged as the evaluation judges a response: eval.extract.evaluation_answer(pred) finds the final answer (the
-last box, else "final answer is ...", else the last math span, else the last number), and scope.is_equiv compares
+last box, else "final answer is ...", else the last math span, else the last number), and verifier.is_equiv compares
 it with the gold answer (its own box / $...$ removed). Accuracy is against the project's label (`label`, which
 equals the upstream label except where README, "verifier policy", says otherwise); the upstream-label figures are
 printed too.
@@ -87,7 +87,8 @@ def main():
         rows = (("project labels, all", lambda c: True, "label"),
                 ("upstream labels, where the policy agrees", lambda c: c["label"] == c["upstream"], "upstream"),
                 ("project labels, dev suites", lambda c: c["split"] == "dev", "label"),
-                ("project labels, held-out suites", lambda c: c["split"] == "held-out", "label"))
+                ("project labels, held-out suites", lambda c: c["split"] == "held-out", "label"),
+                ("project labels, held-out suites, wave 2", lambda c: c["split"] == "held-out-2", "label"))
         for label, keep, key in rows:
             sel = [i for i, c in enumerate(cases) if keep(c)]
             r = rates([cases[i] for i in sel], [got[i] for i in sel], key)
