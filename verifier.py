@@ -71,12 +71,18 @@ def _box_content(text, i):
     return m.group(1) if m else None
 
 
+_UNICODE = str.maketrans({"π": "\\pi ", "√": "\\sqrt", "≤": "<=", "≥": ">=", "≠": "!=", "−": "-", "×": "\\times ",
+                          "·": "\\cdot ", "∞": "\\infty ", "½": "(1/2)", "⅓": "(1/3)", "⅔": "(2/3)", "¼": "(1/4)",
+                          "¾": "(3/4)"})
 _TEXT_CMDS = r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mbox|operatorname|boldsymbol)"
 
 
 def _normalize(s):
     """Strip LaTeX decoration that does not change the answer. Returns (answer, unit or None)."""
     s = s.replace("\n", " ").strip()
+    s = s.translate(_UNICODE)                                     # π, √, ≤, ½, −, ... as LaTeX
+    s = re.sub(r"(?<![\\a-zA-Z])(sqrt|sin|cos|tan|cot|sec|csc|exp|ln|log|arcsin|arccos|arctan)\s*(?=\()", r"\\\1", s)
+    s = re.sub(r"(?<![\\a-zA-Z])pi(?![a-zA-Z])", r"\\pi ", s)       # plain syntax: sqrt(3), 2*pi
     s = re.sub(r"\\(?:displaystyle|textstyle|limits)", "", s)
     s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big|bigg|Bigg)(?![a-zA-Z])\.?", "", s)
     s = re.sub(r",\\!\s*", ",", s)                                  # 11,\!111 (thousands)
@@ -90,6 +96,9 @@ def _normalize(s):
     s = re.sub(r"\\(?:ne|neq)(?![a-zA-Z])", "!=", s).replace("\\lt", "<").replace("\\gt", ">")
     s = s.strip().rstrip(".\\").strip()
     unit = None                                                   # trailing unit: "10 cm", "5\text{ inches}"
+    cjk = re.fullmatch(r"(.*?\d)\s*([\u4e00-\u9fff]{1,4})", s)     # 40厘米
+    if cjk:
+        s, unit = cjk.groups()
     m = re.match(r"^(.*?[\d}).])\s*(?:" + _TEXT_CMDS + r"\s*\{\s*([a-zA-Z][a-zA-Z ]*)\}|\s([a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*))"
                  r"(\^\{?[23]\}?)?\s*$", s)
     number_part = re.sub(r"\\[a-zA-Z]+", "", m.group(1)) if m else ""   # letters only inside \frac, \sqrt, ...
@@ -587,6 +596,7 @@ def _is_equiv(pred, gold, deadline):
         return False
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS or "\x00" in pred + gold:
         return False
+    pred, gold = (_PERCENT_WORD.sub("%", x) for x in (pred, gold))     # 33.5 percent = 33.5%
     (p, p_unit), (g, g_unit) = _normalize(pred), _normalize(gold)
     if p_unit and g_unit and p_unit.lower() != g_unit.lower():
         return False                                               # 10 cm vs 10 m
@@ -600,6 +610,9 @@ def _is_equiv(pred, gold, deadline):
     p, g = (re.sub(r"^[^=<>]*?\\in\s*", "", x) if _is_name(x.split("\\in")[0]) else x for x in (p, g))  # x \in S
     if not re.search(r"[=<>]|\\in\b", g):                          # gold is a bare value: drop "x = " in pred
         p = _drop_names(p)
+        sides = _split_top(p, ["="])
+        if len(sides) == 2 and _computed(*sides, deadline):        # a computation and its value: \sqrt{4} = 2
+            p = sides[1]
     if not re.search(r"[=<>]|\\in\b", p):                          # pred is a bare value, gold "M = value"
         g = _drop_names(g)
     if p.replace(" ", "") == g.replace(" ", ""):
@@ -616,6 +629,18 @@ def _is_equiv(pred, gold, deadline):
     if "%" in gold and "%" not in pred and sg[0] == "expr":
         return _struct_equal(sp, ("expr", sg[1] / 100), deadline)
     return False
+
+
+_PERCENT_WORD = re.compile(r"\s*(?:\\text\{\s*)?(?:percentage|percent|pct)\s*\}?\s*$")
+
+
+def _computed(lhs, rhs, deadline):
+    """lhs = rhs states a value: both sides are numbers (no variables) and they are equal (\\binom{5}{2} = 10)."""
+    try:
+        a, b = _to_sympy(_normalize(lhs)[0], deadline), _to_sympy(_normalize(rhs)[0], deadline)
+        return not a.free_symbols and not b.free_symbols and _expr_equal(a, b)
+    except (_Refuse, ValueError, TypeError, ZeroDivisionError, OverflowError, AttributeError, sympy.SympifyError):
+        return False
 
 
 def _is_name(s):
@@ -642,7 +667,9 @@ def _drop_names(s):
     items = _split_top(s, [",", ";"]) if not (s[:1] in "([{" and _balanced(s[1:-1])) else [s]
     out = []
     for item in items:
-        parts = _split_top(item, ["=", "\\in"])
+        parts, eq = _split_top(item, ["=", "\\in"]), _split_top(item, ["="])
+        if len(eq) == 2 and eq[0] and _is_name(eq[1]) and not _is_name(eq[0]):
+            parts = eq[::-1]                                       # 2 = x, the value on the left
         out.append(parts[1] if len(parts) == 2 and _is_name(parts[0]) and parts[1] else item)
     return ", ".join(out) if len(out) > 1 else out[0]
 

@@ -172,6 +172,15 @@ POLICY = {
     ("\\begin{cases} a+b=\\frac12 \\\\ a-b=\\sqrt3 \\end{cases}", "\\begin{cases} a+b=0.5\\\\ a-b=1.732\\end{cases}"):
         (False, IRRATIONAL),
     ("", "The answer is \\boxed{}"): (False, "an empty box is no answer, whatever the gold"),
+    # wave 2
+    ("", ""): (False, "an empty answer is no answer, whatever the gold"),
+    ("2.0001", "2"): (False, "2 is not 2.0001: a decimal equals an exact value only when it is that value rounded to "
+                             "its own digits (SkyThought's suite accepts a 1e-3 tolerance)"),
+    ("0.75", "75"): (False, "a bare number is not read as a percent: 75 equals 0.75 only when written 75%"),
+    ("5.8", "5.8米"): (True, "the verifier sees no question: a unit on the prediction is dropped when the gold has "
+                            "none (GLM-V's suite reads the unit its question asked for, centimetres)"),
+    ("4", "<think>2 + 2 = 4</think>\nThe answer is 4."): (True, "evaluation reads unboxed answers (README, "
+        "extraction); training's reward is boxed-only and agrees with the upstream 0"),
 }
 
 def git(mirror, repo, *args):
