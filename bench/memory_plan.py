@@ -26,5 +26,5 @@ if __name__ == "__main__":
         args = dataclasses.replace(paper, **over)
         text, peak = scope.memory_plan(args, STUDENT, TEACHER, world, gpu_gib=gb * 1e9 / 2**30)
         print(f"## {name}: micro_batch_tokens {args.micro_batch_tokens}, score_tokens {args.score_tokens}, "
-              f"rollout_engine {args.rollout_engine}, vllm_gpu_memory {args.vllm_gpu_memory}\n{text}\n  fits {gb} GB with {gb - peak * 2**30 / 1e9:.0f} GB "
-              f"to spare (allocator, CUDA context, fragmentation)\n" if peak * 2**30 / 1e9 < gb else "  DOES NOT FIT\n")
+              f"rollout_engine {args.rollout_engine}, vllm_gpu_memory {args.vllm_gpu_memory}\n{text}\n  "
+              f"{gb - peak * 2**30 / 1e9:.0f} of its {gb} GB left for the allocator, the CUDA context, fragmentation\n")

@@ -3,6 +3,7 @@ implements exactly the vLLM API surface the engine calls, with generation delega
 the engine's calls, its sleep/wake/sync order and its bookkeeping; they do not prove vLLM's own behaviour (names:
 bench/vllm_api_check.py; behaviour: bench/gpu_check.py on a GPU)."""
 
+import dataclasses
 import pytest
 import torch
 
@@ -100,5 +101,10 @@ def test_paper_preset_uses_the_vllm_engine_and_plans_for_it():
                       num_attention_heads=4, num_key_value_heads=2)
     text, _ = scope.memory_plan(args, cfg, cfg, 8, gpu_gib=80.0)
     assert "rollouts: vLLM engine awake (vllm_gpu_memory x GPU)" in text and "24.0 GiB" in text
+    assert "this GPU has 80 GiB: fits" in text                        # the verdict, when the GPU's size is known
+    big = dataclasses.replace(args, micro_batch_tokens=10**9)          # activations of 1e9 tokens cannot fit 80 GiB
+    assert "LIKELY OUT OF MEMORY" in scope.memory_plan(big, cfg, cfg, 8, gpu_gib=80.0)[0]
+    unknown = scope.memory_plan(args, cfg, cfg, 8)[0]                  # no GPU: 80 GiB assumed for the engine's share
+    assert "this GPU" not in unknown and "24.0 GiB" in unknown
     with pytest.raises(ValueError, match="rollout_engine"):
         scope.resolve({"rollout_engine": "sglang"})
