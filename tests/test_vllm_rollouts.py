@@ -4,6 +4,7 @@ the engine's calls, its sleep/wake/sync order and its bookkeeping; they do not p
 bench/vllm_api_check.py; behaviour: bench/gpu_check.py on a GPU)."""
 
 import dataclasses
+
 import pytest
 import torch
 
