@@ -160,7 +160,7 @@ def evaluate(model, tokenizer, rows, k, args, seed_key, rt=None):
     calls = int(scope.all_reduce([math.ceil(len(mine) / 16)], device, "max")[0])
     levels = sorted({r.get("level", "all") for r in rows})
     correct = {lv: [0.0] * (k + 1) for lv in levels}                 # per level: problems with c correct, c = 0..k
-    for part in ([mine[q] for q in p.tolist()] for p in torch.arange(len(mine)).tensor_split(max(calls, 1))):
+    for part in (p.tolist() for p in torch.tensor(mine, dtype=torch.long).tensor_split(max(calls, 1))):
         prompts = [scope.prompt_text(tokenizer, rows[i]["problem"], args.instruction) for i in part]
         seeds = scope.row_seeds(seed_key, [i * k + j for i in part for j in range(k)]) if args.seeded_sampling else None
         with (rt.amp() if rt else contextlib.nullcontext()):

@@ -176,18 +176,19 @@ def evaluate(args, generator=None, progress=True, rank=0, world=1):
     def shard_path(name, r):
         return out / (f"{name}.samples.jsonl" if world == 1 else f"{name}.samples.rank{r}of{world}.jsonl")
 
+    def backend():
+        return HFBackend(args) if args.backend == "hf" else VLLMBackend(args, [r for rs in data.values() for r in rs], world)
+
     if generator is None and args.backend == "vllm" and world > 1:   # building engines is collective: every rank,
-        generator = VLLMBackend(args, [r for rs in data.values() for r in rs], world)   # even one with nothing to do
+        generator = backend()                                         # even one with nothing to do
     for name, rows in data.items():
         path, mine = shard_path(name, rank), rows[rank::world]
         samples = complete_samples(path, args.n)
         path.write_text("".join(json.dumps(s) + "\n" for s in samples))   # drop partial problems
         done = {s["problem_id"] for s in samples}
         todo = [r for r in mine if r["id"] not in done]
-        if todo and generator is None and args.backend == "hf":
-            generator = HFBackend(args)
-        elif todo and generator is None:
-            generator = VLLMBackend(args, [r for rs in data.values() for r in rs], world)
+        if todo and generator is None:
+            generator = backend()
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=name, disable=not progress)
         with path.open("a") as f:
             step = args.batch_problems if args.backend == "hf" else max(len(todo), 1)   # vllm: a benchmark per call
