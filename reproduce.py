@@ -27,6 +27,7 @@ import torch
 
 import scope
 import tiny_testbed
+import vllm_engine
 from eval import benchmarks, metrics
 from eval.run import EvalArgs, evaluate, versions
 
@@ -102,6 +103,9 @@ class RArgs:
     """tiny teacher: default, or weak-add5 (trained on 2% of the add5 problems: the second regime, issue #12)"""
     analysis: str = ""
     """recovery: run the error-recovery analysis (paper section 2.2) for --regime into <out>/analysis/, no training"""
+    rollout_engine: str = ""
+    """training rollouts: hf or vllm (empty: the preset's, hf for tiny, vllm for paper); one engine per process, reused
+    by every run"""
 
 
 def preset_settings(a):
@@ -121,7 +125,8 @@ def preset_settings(a):
         ev.update(n=2, limit=2)
     if a.steps:
         train["steps"] = a.steps
-    train.update({k: v for k, v in (("student", a.student), ("teacher", a.teacher), ("data", a.data)) if v})
+    train.update({k: v for k, v in (("student", a.student), ("teacher", a.teacher), ("data", a.data),
+                                    ("rollout_engine", a.rollout_engine)) if v})
     if a.preset == "tiny" and a.regime != "default" and not a.teacher:
         train["teacher"] = str(regime_models(a)[1])
     return train, ev, names
@@ -262,6 +267,7 @@ def main(argv=None):
         write_report(a, out, bench_names)
         say(f"wrote {a.results_md} and {out / 'plots'} in {fmt_time(wall)}")
     if ddp:
+        vllm_engine.close_engine()                    # its teardown would end the group (vllm_engine.close_engine)
         dist.destroy_process_group()
 
 

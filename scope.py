@@ -441,85 +441,6 @@ def generate(model, tokenizer, prompts, n, max_new_tokens, temperature=1.0, top_
                 logp_sampler=logp_sampler)
 
 
-class VLLMRollouts:
-    """Colocated vLLM rollouts (--rollout_engine vllm; GPU only; written against vllm 0.33.0, names checked by
-    bench/vllm_api_check.py). One engine per rank, tensor parallel 1, in the torchrun process (external_launcher). It
-    sleeps at level 1 (weights offloaded, KV cache freed; level 2 would drop the weights) while the student trains;
-    before each generation it takes the student's weights in bf16, one gathered tensor at a time, and resets its
-    prefix cache. Prompts go in as token ids (a string would get a second BOS). Its log-probs feed
-    rollout/sampler_gap, the alarm for stale weights (README: vLLM rollouts)."""
-
-    def __init__(self, args, model_name, rank):
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError:
-            raise SystemExit("--rollout_engine vllm needs vllm on a CUDA machine (pip install -r requirements-gpu.txt); "
-                             "--rollout_engine hf generates with transformers") from None
-        import socket
-        with socket.socket() as sock:                                 # one process: the variables torchrun would set,
-            sock.bind(("127.0.0.1", 0))                               # only while the engine is built (a later run in
-            port = str(sock.getsockname()[1])                         # this process must still see one process)
-        added = {k: v for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=port).items() if k not in os.environ}
-        os.environ.update(added)
-        self.args, self.SamplingParams = args, SamplingParams
-        # raw log-probs: the model's T=1 distribution; processed: after temperature (and top-k/p) = the sampler's
-        mode = "raw_logprobs" if args.logprob_temperature == "one" else "processed_logprobs"
-        try:
-            self.llm = LLM(model=model_name, dtype="bfloat16", seed=args.seed + rank, enable_sleep_mode=True,
-                           distributed_executor_backend="external_launcher", gpu_memory_utilization=args.vllm_gpu_memory,
-                           max_model_len=args.max_prompt_tokens + args.max_new_tokens, logprobs_mode=mode)
-        finally:
-            for k in added:
-                os.environ.pop(k)
-        self.llm.sleep(level=1)
-
-    @torch.no_grad()
-    def push_weights(self, student):
-        """The student's weights into the sleeping engine, then wake it (order: weights, load, KV cache)."""
-        tied = tied_names(student)
-
-        def weights():                                                # FSDP2: each rank gathers one tensor at a time
-            for name, t in student.state_dict().items():
-                if name not in tied:                                  # vLLM loads a tied output layer with the embedding
-                    t = t.full_tensor() if hasattr(t, "full_tensor") else t
-                    yield name, t.to(torch.bfloat16)
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()                                  # give the trainer's cached blocks back first
-        self.llm.wake_up(tags=["weights"])
-        self.llm.apply_model(lambda model: model.load_weights(weights()))
-        self.llm.wake_up(tags=["kv_cache"])
-        self.llm.reset_prefix_cache()                                 # cached prefixes hold the old weights' KV
-
-    def generate(self, student, tokenizer, prompts, n, seeds, device):
-        """The `generate` contract: rows prompt-major, left-padded prompts, right-padded responses, truncated,
-        logp_sampler. seeds: one per prompt (vLLM draws child j with seed + j), or None."""
-        a = self.args
-        self.push_weights(student)
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        if max(map(len, ids)) > a.max_prompt_tokens:
-            raise ValueError(f"a prompt has {max(map(len, ids))} tokens, over --max_prompt_tokens {a.max_prompt_tokens}")
-        params = [self.SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, logprobs=0,
-                                      max_tokens=a.max_new_tokens, seed=None if seeds is None else seeds[q] % 2**31,
-                                      stop_token_ids=[tokenizer.eos_token_id], detokenize=False)
-                  for q in range(len(ids))]
-        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-        self.llm.sleep(level=1)
-        done = [(ids[q], c) for q, o in enumerate(outs) for c in o.outputs]       # B*n completions, prompt-major
-        bad = {c.finish_reason for _, c in done} - {"stop", "length"}
-        if bad:
-            raise RuntimeError(f"vLLM finished rollouts with {bad}")
-        rows = dict(prompt_ids=[p for p, _ in done], response_ids=[list(c.token_ids) for _, c in done],
-                    logp_sampler=[[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for _, c in done])
-        rows.update(prompt_mask=[[1] * len(p) for p in rows["prompt_ids"]],
-                    response_mask=[[1] * len(r) for r in rows["response_ids"]])
-        out = {k: _pad_cat([torch.tensor([r], dtype=torch.float32 if k == "logp_sampler" else torch.long) for r in v],
-                           k, tokenizer.pad_token_id) for k, v in rows.items()}   # (B*n, P) and (B*n, T), padded
-        out["truncated"] = torch.tensor([c.finish_reason == "length" for _, c in done])
-        return {k: v.to(device) for k, v in out.items()}
-
-
 class LogprobHead(torch.nn.Module):
     """Stands in for a causal LM's output layer during one forward pass, so the model returns log p(target) per
     position (token_logprobs: no (B, L, V) logits) where it would return logits. Going through the model's own
@@ -665,7 +586,11 @@ class Args:
     rollout_engine: str = "hf"
     """hf: transformers generate (exact per-rollout seeds; CPU or GPU); vllm: a colocated vLLM engine per rank (GPU)"""
     vllm_gpu_memory: float = 0.3
-    """vllm engine: the fraction of the GPU its weights and KV cache may take while awake (gpu_memory_utilization)"""
+    """vllm engine: the fraction of the GPU its weights and KV cache may take while awake (gpu_memory_utilization; on
+    vLLM's CPU build the KV cache is a fixed 256 MiB instead)"""
+    vllm_quantization: str = ""
+    """vllm engine: quantise its copy of the student, e.g. fp8 (vLLM's online quantisation; rollouts then come from the
+    quantised policy, and rollout/sampler_gap measures that error too); empty: none"""
     max_prompt_tokens: int = 2048
     """vllm engine: longest prompt accepted (the engine's max_model_len is this + max_new_tokens)"""
     max_sampler_gap: float = 0.5
@@ -773,6 +698,10 @@ def resolve(given):
     _check_option("logprob_temperature", args.logprob_temperature, ("one", "sampling"))
     _check_option("dtype", args.dtype, ("float32", "bfloat16"))
     _check_option("rollout_engine", args.rollout_engine, ("hf", "vllm"))
+    if args.rollout_engine == "vllm" and args.logprob_temperature == "sampling" and (args.top_k > 0 or args.top_p < 1):
+        raise SystemExit("--rollout_engine vllm with --logprob_temperature sampling cannot use --top_k/--top_p: vLLM's "
+                         "processed log-probs are renormalised over the kept tokens, so pi_old would not be the "
+                         "tempered full-vocabulary policy the loss uses (use --logprob_temperature one, or the hf engine)")
     return args
 
 
@@ -924,7 +853,7 @@ def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, 
             for q, j in enumerate(part):
                 kd_cache[idx[j]] = {k: v[q * args.kd_samples:(q + 1) * args.kd_samples].cpu() for k, v in b.items()}
         parts = [kd_cache[idx[j]] for j in my]
-        return {k: _pad_cat([p[k] for p in parts], k, tokenizer.pad_token_id).to(rt.device) for k in parts[0]}
+        return {k: pad_cat([p[k] for p in parts], k, tokenizer.pad_token_id).to(rt.device) for k in parts[0]}
     prompts = [prompt_text(tokenizer, rows[idx[j]]["problem"], args.instruction) for j in my]
     if engine is not None:
         seeds = row_seeds(args.seed, step, [(j,) for j in my]) if args.seeded_sampling else None
@@ -939,7 +868,7 @@ def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, 
         with rt.amp():
             out.append(generate(student, tokenizer, [prompts[q] for q in part], n, args.max_new_tokens, args.temperature,
                                 args.top_p, args.top_k, seeds if args.seeded_sampling else None, lp_temp, rt.fsdp))
-    return {k: _pad_cat([o[k] for o in out], k, tokenizer.pad_token_id) for k in out[0]}
+    return {k: pad_cat([o[k] for o in out], k, tokenizer.pad_token_id) for k in out[0]}
 
 
 def method_loss(args, logp, part, w, adv, logp_teacher, logp_ref, counts):
@@ -1096,7 +1025,10 @@ def train(args):
 
     tokenizer, student, teacher, ref, opt = load_models(args, rt, student_name, teacher_name, ckpt)
     start = resume(ckpt, student, opt, rt, out) if ckpt else 0
-    engine = VLLMRollouts(args, student_name, rt.rank) if args.rollout_engine == "vllm" and args.method != "kd" else None
+    engine = None
+    if args.rollout_engine == "vllm" and args.method != "kd":           # vllm_engine.py: imports vllm
+        import vllm_engine
+        engine = vllm_engine.VLLMRollouts(args, student_name)
     if ckpt:
         say(f"resumed from {ckpt} at step {start}")
     elif rt.rank == 0:
@@ -1130,6 +1062,8 @@ def train(args):
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
             save_checkpoint(out, step + 1, student, tokenizer, opt, args, rt)
     if rt.own_group:
+        if engine is not None:                                        # its teardown would end the group
+            vllm_engine.close_engine()
         dist.destroy_process_group()
     return student
 
@@ -1180,7 +1114,7 @@ def memory_plan(args, s, t, world, gpu_gib=0.0):
     return f"memory plan per rank, {world} ranks (estimate):\n" + "\n".join(rows), peak
 
 
-def _pad_cat(tensors, key, pad_id):
+def pad_cat(tensors, key, pad_id):
     """Concatenate rollout tensors of different widths (prompts left-padded, responses right-padded)."""
     if tensors[0].dim() == 1:
         return torch.cat(tensors)

@@ -6,15 +6,17 @@ prints a table. It runs on whatever torch / transformers it finds and states the
   (b) paper-shaped models with random weights (Qwen2.5-1.5B-shaped student in fp32 with bf16 autocast, 7B-shaped
       teacher in bf16, vocabulary 151,936): one SCOPE step of 2 prompts x 8 rollouts at 4096 and 8192 new tokens
       (random models rarely emit eos, so the lengths are real), seconds and peak GPU memory per phase;
-  (c) the vLLM rollout engine (scope.VLLMRollouts), only if `vllm` imports: the tiny SCOPE run of (a) again with
-      --rollout_engine vllm (colocated engine, sleep mode, weight push every step), reporting the sampler gap per
-      step (engine vs trainer log-probs of the same tokens: small when the pushed weights are the trainer's).
+  (c) only if `vllm` imports: the vLLM engine path (vllm_engine.py) in one held process group: SCOPE then OPD on the
+      engine (sleep mode on a GPU; the second run must reuse the engine), the sampler gap per step, a fixed-sequence
+      check (engine vs fp32 trainer log-probs after each of 3 large AdamW steps and pushes), and on a GPU an fp8 engine
+      (vLLM's online quantisation, so the reload path must re-quantise; built after the first one is shut down).
 
     python bench/gpu_check.py --out gpu_check.json
     python bench/gpu_check.py --dry-run            # CPU, gloo, tiny shapes: the bookkeeping only (a test runs it)
 
-Status: written and run on CPU in --dry-run mode only (no GPU was lent to the sessions that wrote it; (c) has
-never run).
+Status: run on CPU in --dry-run mode only, where (c) runs on vLLM's CPU build (no sleep mode, no fp8); no GPU was
+lent to the sessions that wrote it, and the GPU machine lent to some tasks has no vllm (its wheel is over the 64 MiB that
+can be carried), so (c) has never run on a GPU.
 """
 import argparse
 import contextlib
@@ -43,36 +45,110 @@ def free_port():
         return s.getsockname()[1]
 
 
-def tiny_pipeline(dry, work, with_vllm=False):
-    """(a): every method for a few steps through scope.train at world size 1, then the periodic evaluation;
-    (c) with_vllm: SCOPE once more with the vLLM rollout engine."""
-    spec = dict(hidden=64, layers=2, heads=4, sft_lr=3e-3, sft_batch=32, warmup=5)
+def tiny_models(dry, work):
+    spec = dict(hidden=64, layers=2, heads=2, sft_lr=3e-3, sft_batch=32, warmup=5)
     steps = (20, 20) if dry else (300, 200)
-    student, teacher = tiny_testbed.build_tiny_models(work / "cache", tiny_testbed.TinyModel(sft_steps=steps[0], **spec),
-                                                      tiny_testbed.TinyModel(sft_steps=steps[1], **spec), log=print)
+    return tiny_testbed.build_tiny_models(work / "cache", tiny_testbed.TinyModel(sft_steps=steps[0], **spec),
+                                          tiny_testbed.TinyModel(sft_steps=steps[1], **spec), log=print)
+
+
+def tiny_args(dry, work, student, teacher, name, **run):
+    n = 2 if dry else 20
+    return scope.resolve(dict(student=str(student), teacher=str(teacher), steps=n, prompts_per_step=8, n_rollouts=4,
+                              max_new_tokens=48, eval_every=n, eval_problems=16, eval_k=2, save_every=0,
+                              out_dir=str(work / name), **run))
+
+
+def run_record(work, name, t0):
+    recs = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+    return {"seconds": round(time.time() - t0, 1), "reward_mean": recs[-1]["train/reward_mean"], "loss": recs[-1]["loss"],
+            "eval_avg@2": recs[-1]["eval/all/avg@2"], "sampler_gap": [r.get("rollout/sampler_gap") for r in recs],
+            "time_generate": [round(r["time/generate"], 2) for r in recs]}
+
+
+def tiny_pipeline(dry, work):
+    """(a): every method for a few steps through scope.train at world size 1, then the periodic evaluation."""
+    student, teacher = tiny_models(dry, work)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     out = {}
     try:
-        runs = {m: dict(method=m) for m in ("scope", "opd", "grpo", "kd")}
-        if with_vllm:
-            runs["scope-vllm"] = dict(method="scope", rollout_engine="vllm", vllm_gpu_memory=0.2, max_prompt_tokens=256)
-        for name, run in runs.items():
-            n = 2 if dry else 20
-            args = scope.resolve(dict(student=str(student), teacher=str(teacher), steps=n, prompts_per_step=8,
-                                      n_rollouts=4, max_new_tokens=48, eval_every=n, eval_problems=16, eval_k=2,
-                                      save_every=0, out_dir=str(work / name), **run))
+        for m in ("scope", "opd", "grpo", "kd"):
             t0 = time.time()
             try:
-                scope.train(args)
+                scope.train(tiny_args(dry, work, student, teacher, m, method=m))
             except Exception as e:                                         # report it, keep the other checks
-                out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+                out[m] = {"error": f"{type(e).__name__}: {e}"[:2000]}
                 continue
-            recs = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
-            out[name] = {"seconds": round(time.time() - t0, 1), "reward_mean": recs[-1]["train/reward_mean"],
-                         "loss": recs[-1]["loss"], "eval_avg@2": recs[-1]["eval/all/avg@2"],
-                         "sampler_gap": [r.get("rollout/sampler_gap") for r in recs],
-                         "time_generate": [round(r["time/generate"], 2) for r in recs]}
+            out[m] = run_record(work, m, t0)
     finally:
+        for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(k, None)
+    return out
+
+
+def vllm_checks(dry, work):
+    """(c), when vllm imports: the engine path the CPU build cannot run completely. In one held process group (as
+    reproduce.py holds it): SCOPE and then OPD on the vLLM engine (sleep mode on a GPU; the second run must reuse the
+    first run's engine: CUDA allows one sleep-mode engine per process), the fixed-sequence check (after each of 3 AdamW
+    steps at lr 3e-3, the pushed engine's log-probs against the fp32 trainer's), and on a GPU an fp8 engine (vLLM's
+    online quantisation: the reload path must re-quantise; a rebuild after the first engine is shut down)."""
+    import copy
+    import torch.distributed as dist
+    import vllm_engine
+    from vllm import SamplingParams
+    student, teacher = tiny_models(dry, work)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    out, engines = {}, []
+    try:
+        runs = {"scope-vllm": {}, "opd-vllm": dict(method="opd")}
+        if torch.cuda.is_available():
+            runs["scope-vllm-fp8"] = dict(vllm_quantization="fp8")
+        for name, run in runs.items():
+            t0 = time.time()
+            try:
+                scope.train(tiny_args(dry, work, student, teacher, name, **{"method": "scope", "rollout_engine": "vllm",
+                                                                            "vllm_gpu_memory": 0.2, **run}))
+                out[name] = run_record(work, name, t0)
+            except Exception as e:
+                out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            engines.append(id(vllm_engine._ENGINE.get("llm")))
+        out["engine_reused_by_the_second_run"] = engines[0] == engines[1]
+        try:                                                               # the fixed-sequence check
+            tok, model = scope.load_model(str(student), "student"), scope.load_model(str(student), "student", "float32",
+                                                                                    "cuda" if torch.cuda.is_available() else "cpu")
+            engine = vllm_engine.VLLMRollouts(tiny_args(dry, work, student, teacher, "sync", rollout_engine="vllm",
+                                                        vllm_gpu_memory=0.2), str(student))
+            seqs = [tok(scope.prompt_text(tok, p) + r, add_special_tokens=False)["input_ids"]
+                    for p, r in [("3+4-2=?", "3+4=7; 7-2=5 \\boxed{5}"), ("1/3+1/3=?", "1+1=2 \\boxed{\\frac{2}{3}}")]]
+            opt, rows = torch.optim.AdamW(model.parameters(), lr=3e-3), []
+
+            def trainer(m):
+                with torch.no_grad():
+                    return torch.cat([scope.model_logprobs(m, torch.tensor([q[1:]], device=model.device),
+                                                           input_ids=torch.tensor([q[:-1]], device=model.device)
+                                                           ).logits[0].float().cpu() for q in seqs])
+            for step in range(3):
+                ids = torch.tensor([seqs[step % 2]], device=model.device)
+                loss = scope.model_logprobs(model, ids[:, 1:], input_ids=ids[:, :-1]).logits.sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                engine.push_weights(model)
+                outs = engine.llm.generate([{"prompt_token_ids": q} for q in seqs], SamplingParams(
+                    max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)
+                got = torch.cat([torch.tensor([d[t].logprob for d, t in zip(o.prompt_logprobs[1:], q[1:])])
+                                 for o, q in zip(outs, seqs)])
+                want = trainer(model)
+                bf16 = (trainer(copy.deepcopy(model).to(torch.bfloat16)) - want).abs()
+                rows.append({"mean": round(float((got - want).abs().mean()), 4), "max": round(float((got - want).abs().max()), 3),
+                             "bf16_copy_mean": round(float(bf16.mean()), 4)})
+            out["fixed_sequences"] = rows
+        except Exception as e:
+            out["fixed_sequences"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    finally:
+        vllm_engine.close_engine()
+        dist.destroy_process_group()
         for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(k, None)
     return out
@@ -151,10 +227,11 @@ def main():
     t0 = time.time()
     has_vllm = importlib.util.find_spec("vllm") is not None
     with tempfile.TemporaryDirectory() as work:
-        report["a_tiny_pipeline"] = tiny_pipeline(a.dry_run, Path(work), with_vllm=has_vllm and cuda)
+        report["a_tiny_pipeline"] = tiny_pipeline(a.dry_run, Path(work))
     report["b_paper_shaped"] = {str(n): paper_shaped_step(a.dry_run, device, n) for n in ((16, 32) if a.dry_run
                                                                                             else (4096, 8192))}
-    report["c_vllm"] = {"importable": has_vllm, "engine": report["a_tiny_pipeline"].pop("scope-vllm", "not run")}
+    with tempfile.TemporaryDirectory() as work:
+        report["c_vllm"] = {"importable": has_vllm, **(vllm_checks(a.dry_run, Path(work)) if has_vllm else {})}
     report["seconds"] = round(time.time() - t0, 1)
     Path(a.out).write_text(json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in ("date", "torch", "cuda", "device", "transformers")}))
@@ -166,7 +243,9 @@ def main():
         cells = ", ".join(f"{k} {v['seconds']} s" + (f" / {v['peak_gib']} GiB" if v["peak_gib"] is not None else "")
                           for k, v in r["phases"].items())
         print(f"| (b) {n} new tokens, {r['response_tokens']} response tokens | {cells} |")
-    print(f"| (c) vllm | importable: {report['c_vllm']['importable']}; engine: {report['c_vllm']['engine']} |")
+    for k, v in report["c_vllm"].items():
+        print(f"| (c) vllm {k} | " + (f"{v['seconds']} s, sampler gap per step {v['sampler_gap']}" if isinstance(v, dict)
+                                      and "seconds" in v else json.dumps(v)) + " |")
     print(f"total {report['seconds']} s; report: {a.out}")
 
 

