@@ -284,6 +284,24 @@ def load_results(out):
     return res
 
 
+def models_note(a, res):
+    """Which untrained student the runs start from (the base runs' evaluated model), and, on the tiny preset, whether it
+    is the one this code builds (the cache key of tiny_testbed's models); a report must not pass off results of a model
+    the code no longer builds as its own."""
+    starts = sorted({(r["model"]["id"], r["model"]["revision"]) for r in res.get("base", {}).values()})
+    if not starts:
+        return []
+    line = "- untrained student: " + ", ".join(f"`{i}` (weights {rev})" for i, rev in starts)
+    if a.preset == "tiny":
+        key = f"tiny-{tiny_testbed._key(tiny_testbed.TINY_TEACHER, tiny_testbed.TINY_STUDENT, 0, scope.Args().threads)}"
+        if all(Path(i).parent.name == key for i, _ in starts):
+            line += f"; the models this code builds ({key})"
+        else:
+            line += (f"; **not the models this code builds** (`{key}`): tiny_testbed changed after these runs, so "
+                     "these results describe the earlier models only")
+    return [line]
+
+
 def mean_ci(values):
     """(mean, half-width of the 95% t-interval); half-width None for one value."""
     n = len(values)
@@ -660,10 +678,12 @@ def write_report(a, out, bench_names):
         *[f"  - `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])}"
           + (f", code {c['commit']}" if c.get("commit") else "") + ")" for c in calls],
         f"- hardware: {hardware()}",
-        f"- packages: {', '.join(f'{k} {v}' for k, v in versions().items())}",
+        "- packages (as the runs' evaluations recorded them): " + "; ".join(sorted({", ".join(
+            f"{k} {v}" for k, v in r.get("versions", versions()).items()) for rs in res.values() for r in rs.values()})),
         f"- preset: {a.preset}{' (smoke settings: checks the pipeline, says nothing about the method)' if a.smoke else ''};"
         f" seeds per run: {seed_note}; cells are the mean over a run's seeds, ± the 95% t-interval when it has"
         " more than one",
+        *models_note(a, res),
         f"- evaluation: {n} samples per problem, Avg@{n} and unbiased Pass@{n} (%), per "
         + ("tiny-task level (the tiny test split)" if a.preset == "tiny" else "benchmark") + "; average = macro over columns",
         "", "## Main table (layout of the paper's Table 1)", "", results_table(res, main_runs, bench_names, n), ""]

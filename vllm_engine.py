@@ -19,8 +19,11 @@ import torch
 
 import scope
 
-VLLM_CPU_KV_BYTES = 256 << 20   # vLLM's CPU build: an explicit KV cache (its default sizes it from the process's RSS,
-                                # which a trainer in the same process inflates); the tiny preset needs a few MiB
+# vLLM's CPU build: an explicit KV cache (its default sizes it from the process's RSS, which a trainer in the same
+# process inflates; the tiny preset needs a few MiB), and a token budget per scheduler step that holds every running
+# sequence's whole prompt: a prompt split over steps (chunked prefill) with a seeded request crashes the CPU build
+# ("CPU Generator does not use offset", v1/worker/gpu_model_runner.py, _bookkeeping_sync).
+VLLM_CPU_KV_BYTES = 256 << 20
 _ENGINE = {}                    # the process's one vLLM engine and its settings (CUDA: one sleep-mode engine per process)
 
 
@@ -61,7 +64,8 @@ def get_engine(model, max_len, seed, memory, logprobs_mode="raw_logprobs", sleep
                        skip_tokenizer_init=True,                       # token ids in and out: the HF tokenizer's
                        max_model_len=max_len, logprobs_mode=logprobs_mode, enable_sleep_mode=sleep,
                        quantization=quantization or None, enforce_eager=cpu,   # CPU: no minutes of torch.compile
-                       **({"kv_cache_memory_bytes": VLLM_CPU_KV_BYTES} if cpu else {"gpu_memory_utilization": memory}))
+                       **(dict(kv_cache_memory_bytes=VLLM_CPU_KV_BYTES, max_num_seqs=256, max_num_batched_tokens=256 *
+                               max_len) if cpu else dict(gpu_memory_utilization=memory)))
     finally:
         for k in added:
             os.environ.pop(k)

@@ -25,7 +25,8 @@ USES = [
                                                     "enforce_eager", "kv_cache_memory_bytes", "quantization",
                                                     "skip_tokenizer_init"]),
     ("vllm/engine/arg_utils.py", "EngineArgs", "fields", ["max_model_len", "distributed_executor_backend",
-                                                          "enable_sleep_mode", "logprobs_mode"]),  # LLM(**kwargs)
+                                                          "enable_sleep_mode", "logprobs_mode", "max_num_seqs",
+                                                          "max_num_batched_tokens"]),  # LLM(**kwargs)
     ("vllm/config/parallel.py", None, "exports", ["external_launcher"]),            # a distributed_executor_backend
     ("vllm/config/model.py", None, "exports", ["raw_logprobs", "processed_logprobs"]),   # LogprobsMode values
     ("vllm/config/model.py", "ModelConfig", "fields", ["quantization"]),          # worker.vllm_config.model_config

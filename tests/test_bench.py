@@ -46,8 +46,7 @@ def test_vllm_api_check_lists_every_vllm_name_the_code_uses(path, cls):
         if isinstance(node, ast.Call):
             name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
             if name in ("LLM", "SamplingParams"):                     # keywords, also inside **{...}
-                seen[name] |= {k.arg for k in node.keywords if k.arg} | {
-                    k.value for d in ast.walk(node) if isinstance(d, ast.Dict) for k in d.keys if isinstance(k, ast.Constant)}
+                seen[name] |= {k.arg for c in ast.walk(node) if isinstance(c, ast.Call) for k in c.keywords if k.arg}
             if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "attr", None) == "llm":
                 seen["engine"].add(node.func.attr)
         if isinstance(node, ast.Attribute) and node.attr in ("outputs", "finish_reason", "token_ids", "logprobs",

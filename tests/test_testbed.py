@@ -77,10 +77,10 @@ def test_tiny_task_is_deterministic_and_verifiable():
 
 
 def test_scope_imports_no_harness_module_at_import_time():
-    """scope.py is the method: importing it loads neither the testbed nor eval/ nor reproduce.py."""
+    """scope.py is the method: importing it loads neither the testbed nor eval/ nor reproduce.py, nor the vLLM engine."""
     code = ("import sys; sys.path.insert(0, %r); import scope; "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('tiny_testbed', 'eval', 'reproduce'))))" % str(ROOT))
+            "('tiny_testbed', 'eval', 'reproduce', 'vllm_engine', 'vllm'))))" % str(ROOT))
     res = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(res.stdout) == []
 

@@ -332,6 +332,17 @@ def test_eval_backends_send_the_same_prompt_ids(micro_models, tmp_path, monkeypa
     assert len(seen["vllm"]) == 10 and seen["hf"][::2] == seen["vllm"]   # hf repeats each prompt n = 2 times
 
 
+def test_many_seeded_requests_at_once_on_the_cpu_build(micro_models, tmp_path):
+    """vLLM's CPU build crashes ("CPU Generator does not use offset") when a seeded request's prompt is split over
+    scheduler steps; the engine's CPU token budget keeps every prompt whole. 256 problems x 2 samples in one call (the
+    CPU build's default budget, 4096 tokens for 256 sequences, splits them)."""
+    from eval.run import EvalArgs, evaluate
+    student, _ = micro_models
+    res = evaluate(EvalArgs(model=student, preset="tiny", backend="vllm", benchmarks="tiny-add5", limit=256, n=2,
+                            max_tokens=4, out_dir=str(tmp_path)), progress=False)
+    assert len((tmp_path / "tiny-add5.samples.jsonl").read_text().splitlines()) == 512 and res["benchmarks"]
+
+
 def test_eval_vllm_backend_under_torchrun_shards_and_merges(micro_models, tmp_path):
     """2 ranks, one engine each: each samples its own half of the problems, rank 0 merges, and the merged samples are
     those of one process (vLLM's per-request seeds make a sample independent of the batch it ran in)."""
