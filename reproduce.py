@@ -32,8 +32,9 @@ from eval import benchmarks, metrics
 from eval.run import EvalArgs, evaluate, versions
 
 METHODS = ["base", "grpo", "kd", "psr", "opd", "scope"]
-LABELS = {"base": "student (no training)", "grpo": "+ GRPO", "kd": "+ KD", "psr": "+ PSR (correct rollouts only)",
-          "opd": "+ OPD", "scope": "+ SCOPE"}
+KNOWN = ["teacher", *METHODS]           # teacher: the teacher itself evaluated, as a reference (not a default run)
+LABELS = {"teacher": "teacher (reference)", "base": "student (no training)", "grpo": "+ GRPO", "kd": "+ KD",
+          "psr": "+ PSR (correct rollouts only)", "opd": "+ OPD", "scope": "+ SCOPE"}
 # Paper Fig. 5 ablations, Fig. 6 tau sweep, and the official code's recipe (README: official-code differences).
 ABLATIONS = {
     "scope-no_teacher_w": dict(teacher_weight="uniform"),
@@ -48,6 +49,9 @@ ABLATIONS = {
     "scope-official": dict(weight_norm="mean", student_weight="reversed", loss_agg="token",
                            logprob_temperature="sampling", temperature=0.6, grader="official"),
     "scope-t0.6": dict(temperature=0.6),
+    # gradient clipping off: the tiny preset's norms are far above its clip of 1.0, so every step is clipped
+    "scope-noclip": dict(grad_clip=0.0),
+    "opd-noclip": dict(method="opd", grad_clip=0.0),
 }
 # SCOPE_SPEC.md section 8: the PAPER's Table 1 (R1-Distill-Qwen-1.5B), Avg@32 / Pass@32. Shown beside ours for the
 # paper preset, never as ours.
@@ -103,6 +107,13 @@ class RArgs:
     """tiny teacher: default, or weak-add5 (trained on 2% of the add5 problems: the second regime, issue #12)"""
     analysis: str = ""
     """recovery: run the error-recovery analysis (paper section 2.2) for --regime into <out>/analysis/, no training"""
+    analysis_problems: int = 192
+    """--analysis recovery: training problems sampled (8 student rollouts each; every incorrect one is analysed)"""
+    build_seeds: str = "0"
+    """tiny preset: the testbed builds to run on, each its own teacher/student pair from the same recipe (cached by
+    seed). Given on the command line, each build gets its own directory <out>/build<seed>/"""
+    path_grad_norms: bool = False
+    """log the gradient norms of SCOPE's two paths per step (scope.Args.path_grad_norms)"""
     rollout_engine: str = ""
     """training rollouts: hf or vllm (empty: the preset's, hf for tiny, vllm for paper); one engine per process, reused
     by every run"""
@@ -126,17 +137,17 @@ def preset_settings(a):
     if a.steps:
         train["steps"] = a.steps
     train.update({k: v for k, v in (("student", a.student), ("teacher", a.teacher), ("data", a.data),
-                                    ("rollout_engine", a.rollout_engine)) if v})
-    if a.preset == "tiny" and a.regime != "default" and not a.teacher:
-        train["teacher"] = str(regime_models(a)[1])
+                                    ("rollout_engine", a.rollout_engine), ("path_grad_norms", a.path_grad_norms)) if v})
     return train, ev, names
 
 
-def regime_models(a):
-    """(student dir, teacher dir) of the tiny regime (built once and cached like the default models)."""
+def build_dirs(a, build, log=print):
+    """(student dir, teacher dir) of one tiny build of the regime: its own pair from the same recipe, seeded by the build
+    seed (initialisation, SFT data and order), built once and cached by that seed (tiny_testbed._key)."""
     if a.regime not in tiny_testbed.REGIMES:
         raise SystemExit(f"--regime must be one of {list(tiny_testbed.REGIMES)}, got {a.regime!r}")
-    return tiny_testbed.build_tiny_models(scope.Args().cache_dir, teacher=tiny_testbed.REGIMES[a.regime])
+    return tiny_testbed.build_tiny_models(scope.Args().cache_dir, teacher=tiny_testbed.REGIMES[a.regime], seed=build,
+                                          log=log)
 
 
 def train_args(a, run, seed, out, train_over):
@@ -148,30 +159,37 @@ def train_args(a, run, seed, out, train_over):
 def runs_of(a):
     names = [m for m in a.methods.split(",") if m]
     for m in names:
-        if m not in METHODS:
-            raise SystemExit(f"--methods: unknown method {m!r}; known: {METHODS}")
-    runs = {m: ({} if m == "base" else {"method": m}) for m in names}
+        if m not in KNOWN:
+            raise SystemExit(f"--methods: unknown method {m!r}; known: {KNOWN}")
+    runs = {m: ({} if m in ("base", "teacher") else {"method": m}) for m in names}
     if a.ablations:
         chosen = [r for r in a.ablation_runs.split(",") if r] or list(ABLATIONS)
         for r in chosen:
             if r not in ABLATIONS:
                 raise SystemExit(f"--ablation-runs: unknown {r!r}; known: {list(ABLATIONS)}")
-        runs.update({k: dict(ABLATIONS[k], method="scope") for k in chosen})
+        runs.update({k: {"method": "scope", **ABLATIONS[k]} for k in chosen})
     return runs
 
 
-def run_analysis(a):
-    """--analysis recovery: the error-recovery analysis of the tiny regime into <out>/analysis/recovery-<regime>."""
+def run_analysis(a, per_build):
+    """--analysis recovery: the error-recovery analysis of each build of the tiny regime into
+    <out>[/build<seed>]/analysis/recovery-<regime>."""
     import analysis
     if a.analysis != "recovery" or a.preset != "tiny":
         raise SystemExit("--analysis: only `recovery`, on the tiny preset")
-    out = Path(a.out or "runs/analysis") / "analysis" / f"recovery-{a.regime}"
-    student, teacher = regime_models(a)
-    result = analysis.recovery(a.student or student, a.teacher or teacher, out, log=print)
-    result["command"], result["date"], result["commit"] = command_line(None), now(), git_commit()
-    (out / "recovery.json").write_text(json.dumps(result, indent=1))
-    print(analysis.table_md(result))
-    return result
+    for b in build_seeds(a):
+        out = Path(a.out or "runs/analysis") / (f"build{b}" if per_build else "") / "analysis" / f"recovery-{a.regime}"
+        student, teacher = (a.student, a.teacher) if a.student and a.teacher else build_dirs(a, b)
+        t0 = time.time()
+        result = analysis.recovery(student, teacher, out, problems=a.analysis_problems, log=print)
+        result.update(command=command_line(None), date=now(), commit=git_commit(), wall_s=round(time.time() - t0),
+                      build=b)
+        (out / "recovery.json").write_text(json.dumps(result, indent=1))
+        print(analysis.table_md(result))
+
+
+def build_seeds(a):
+    return [int(b) for b in a.build_seeds.split(",") if b.strip()]
 
 
 def output_paths(a, started):
@@ -194,8 +212,9 @@ def main(argv=None):
     a = RArgs(**given)
     if a.preset not in ("tiny", "paper"):
         raise SystemExit("--preset must be tiny or paper")
+    per_build = "build_seeds" in given                 # each build in its own directory <out>/build<seed>/
     if a.analysis:
-        return run_analysis(a)
+        return run_analysis(a, per_build)
     if torch.cuda.is_available() and "preset" not in given:
         print("reproduce.py: a GPU is present, running the TINY preset (minutes). The paper's runs (days on 8 GPUs) "
               "need an explicit --preset paper.", flush=True)
@@ -219,56 +238,65 @@ def main(argv=None):
     if a.preset == "paper" and master:                # fail early and clearly when data cannot be reached
         for name in bench_names:
             benchmarks.load(name, a.data_dir or None)
+    outs = {b: out / f"build{b}" if per_build else out for b in build_seeds(a)}
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-
+        for d in outs.values():
+            d.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    phases = [] if a.report_only else [(r, s) for s in seeds for r in runs]
-    done_phases = 0
-    for run, seed in phases:
-        run_dir = out / "runs" / f"{run}-s{seed}"
-        targs = train_args(a, run, seed, out, train_over)
+    phases = [] if a.report_only else [(b, r, s) for b in outs for s in seeds for r in runs]
+    for done, (b, run, seed) in enumerate(phases):
         elapsed = time.time() - t_start
-        eta = elapsed / done_phases * (len(phases) - done_phases) if done_phases else float("nan")
-        say(f"[{done_phases + 1}/{len(phases)}] {run} seed {seed}: elapsed {fmt_time(elapsed)}"
-            + (f", about {fmt_time(eta)} to go" if math.isfinite(eta) else ""), flush=True)
-        # -- train (the base student is evaluated untrained)
-        if run == "base":
-            model_dir = None
-        elif (run_dir / "train_done.json").exists():
-            say(f"  training done earlier: {run_dir}")
-            model_dir = run_dir / "checkpoint"
-        else:
-            t0 = time.time()
-            scope.train(targs)
-            if master:
-                (run_dir / "train_done.json").write_text(json.dumps({"seconds": time.time() - t0}))
-            model_dir = run_dir / "checkpoint"
-        if model_dir is None:                        # the untrained student: the tiny one is built like in training
-            model_dir = targs.student or tiny_testbed.build_tiny_models(targs.cache_dir, log=say, threads=targs.threads)[0]
-        # -- evaluate: every rank a shard of the problems, merged by rank 0 (eval.run.evaluate: no collective waits)
-        eargs = EvalArgs(model=str(model_dir), benchmarks=",".join(bench_names), out_dir=str(run_dir / "eval"),
-                         seed=seed, **ev)
-        if (run_dir / "eval" / "results.json").exists():
-            say(f"  evaluation done earlier: {run_dir / 'eval' / 'results.json'}")
-        else:
-            evaluate(eargs, progress=master, rank=rank, world=world)
-            if master:
-                write_per_problem(run_dir / "eval", bench_names)
+        eta = elapsed / done * (len(phases) - done) if done else float("nan")
+        say(f"[{done + 1}/{len(phases)}] {run} seed {seed}" + (f" build {b}" if per_build else "") + f": elapsed "
+            f"{fmt_time(elapsed)}" + (f", about {fmt_time(eta)} to go" if math.isfinite(eta) else ""), flush=True)
+        over = dict(train_over)
+        if a.preset == "tiny" and not (a.student and a.teacher):   # this build's pair (build 0, default: the usual)
+            student, teacher = build_dirs(a, b, log=say)
+            over.setdefault("student", str(student))
+            over.setdefault("teacher", str(teacher))
+        run_phase(a, outs[b], run, seed, over, ev, bench_names, rank, world, say)
         if ddp:
             dist.barrier()                            # everyone has finished: eval waited on the files
-        done_phases += 1
     wall = time.time() - t_start
     if master:
-        if phases:
-            with (out / "invocations.jsonl").open("a") as f:                 # every invocation that wrote here
-                f.write(json.dumps({"command": command_line(argv), "date": now(), "wall_s": round(wall),
-                                    "commit": git_commit()}) + "\n")
-        write_report(a, out, bench_names)
-        say(f"wrote {a.results_md} and {out / 'plots'} in {fmt_time(wall)}")
+        for d in outs.values():
+            if phases:
+                with (d / "invocations.jsonl").open("a") as f:               # every invocation that wrote here
+                    f.write(json.dumps({"command": command_line(argv), "date": now(), "wall_s": round(wall),
+                                        "commit": git_commit()}) + "\n")
+            write_report(dataclasses.replace(a, results_md=str(d / "RESULTS.md")) if per_build else a, d, bench_names)
+        say(f"wrote {a.results_md if not per_build else [str(d / 'RESULTS.md') for d in outs.values()]} in "
+            f"{fmt_time(wall)}")
     if ddp:
         vllm_engine.close_engine()                    # its teardown would end the group (vllm_engine.close_engine)
         dist.destroy_process_group()
+
+
+def run_phase(a, out, run, seed, over, ev, bench_names, rank, world, say):
+    """Train one (run, seed) unless done earlier (base and teacher train nothing), then evaluate it unless done."""
+    run_dir = out / "runs" / f"{run}-s{seed}"
+    targs = train_args(a, run, seed, out, over)
+    if run in ("base", "teacher"):                    # evaluated untrained; the tiny ones built like in training
+        model_dir = (targs.student or tiny_testbed.build_tiny_models(targs.cache_dir, log=say, threads=targs.threads)[0]
+                     ) if run == "base" else targs.teacher
+    elif (run_dir / "train_done.json").exists():
+        say(f"  training done earlier: {run_dir}")
+        model_dir = run_dir / "checkpoint"
+    else:
+        t0 = time.time()
+        scope.train(targs)
+        if rank == 0:
+            (run_dir / "train_done.json").write_text(json.dumps({"seconds": time.time() - t0}))
+        model_dir = run_dir / "checkpoint"
+    # evaluate: every rank a shard of the problems, merged by rank 0 (eval.run.evaluate: no collective waits)
+    eargs = EvalArgs(model=str(model_dir), benchmarks=",".join(bench_names), out_dir=str(run_dir / "eval"), seed=seed,
+                     **ev)
+    if (run_dir / "eval" / "results.json").exists():
+        say(f"  evaluation done earlier: {run_dir / 'eval' / 'results.json'}")
+    else:
+        evaluate(eargs, progress=rank == 0, rank=rank, world=world)
+        if rank == 0:
+            write_per_problem(run_dir / "eval", bench_names)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,7 +356,7 @@ def metric_values(res, run, bench, key):
 def run_label(run, out=None):
     """The table label; ablations that change sampling or grading say so, read from their training config."""
     label = LABELS.get(run, run)
-    cfgs = sorted(out.glob(f"runs/{run}-s*/config.json")) if out is not None and run.startswith("scope-") else []
+    cfgs = sorted(out.glob(f"runs/{run}-s*/config.json")) if out is not None and run in ABLATIONS else []
     if cfgs:
         c = json.loads(cfgs[0].read_text())
         notes = ([f"T {c['temperature']:g}"] if c["temperature"] != 1.0 else []) + (
@@ -419,10 +447,9 @@ def per_problem(out, run, seed, bench_names, n):
     return {(b, pid): c / n for b in bench_names for pid, c in counts[b].items()}
 
 
-def paired(out, run_a, run_b, seeds, bench_names, n, reps=2000):
-    """Macro Avg@n of run_a minus run_b, paired by seed and problem (same data order, sampling and evaluation seeds
-    across methods): (difference, 95% interval low, high, standard error) in points, from a bootstrap that
-    resamples seeds and, within each benchmark, problems. None when a file is missing."""
+def diffs(out, run_a, run_b, seeds, bench_names, n):
+    """(keys, (seeds, problems) array of run_a - run_b fractions correct), paired by seed and problem; None when a file
+    is missing."""
     import numpy as np
     rows = []
     for seed in seeds:
@@ -431,16 +458,16 @@ def paired(out, run_a, run_b, seeds, bench_names, n, reps=2000):
             return None
         rows.append({k: a[k] - b[k] for k in a})
     keys = sorted(rows[0])
-    diff = np.array([[r[k] for k in keys] for r in rows])                 # (seeds, problems)
-    groups = [np.array([i for i, k in enumerate(keys) if k[0] == bench]) for bench in bench_names]
-    rng = np.random.default_rng(0)
-    stats = []
-    for _ in range(reps):
-        s = diff[rng.integers(0, len(seeds), len(seeds))]
-        stats.append(np.mean([s[:, g[rng.integers(0, len(g), len(g))]].mean() for g in groups]))
-    stats = np.sort(stats)
-    point = np.mean([diff[:, g].mean() for g in groups])
-    return 100 * point, 100 * stats[int(0.025 * reps)], 100 * stats[int(0.975 * reps) - 1], 100 * np.std(stats)
+    return keys, np.array([[r[k] for k in keys] for r in rows])
+
+
+def paired(out, run_a, run_b, seeds, bench_names, n):
+    """Macro Avg@n of run_a minus run_b, paired by seed and problem (same data order, sampling and evaluation seeds
+    across methods): (difference, 95% interval low, high, standard error) in points, from a bootstrap that resamples
+    seeds and, within each benchmark, problems (analysis.hierarchical with one build). None when a file is missing."""
+    import analysis
+    d = diffs(out, run_a, run_b, seeds, bench_names, n)
+    return None if d is None else analysis.hierarchical([d], bench_names)
 
 
 PAIRS = [("scope", "opd"), ("opd", "base"), ("scope", "base"), ("psr", "base")]
@@ -449,7 +476,7 @@ PAIRS = [("scope", "opd"), ("opd", "base"), ("scope", "base"), ("psr", "base")]
 def paired_table(out, res, runs, bench_names, n):
     """SCOPE - OPD and each ablation - SCOPE (and the baselines against the untrained student), paired."""
     pairs = [p for p in PAIRS if p[0] in res and p[1] in res] + [(r, "scope") for r in runs
-                                                               if r.startswith("scope-") and "scope" in res]
+                                                               if r in ABLATIONS and "scope" in res]
     lines = [f"| comparison | seeds | difference in macro Avg@{n} (points) | 95% interval | smallest detectable "
              "difference | separated from 0? |", "|---|---|---|---|---|---|"]
     for a, b in pairs:
@@ -474,84 +501,200 @@ def pass_at_k_table(res, n):
     return "\n".join(lines)
 
 
-def recovery_section(out):
-    """The error-recovery analyses found under <out>/analysis/ (paper section 2.2, Fig. 1b)."""
+def study_dirs(out):
+    """{regime: {build seed: directory}} of the study under <out>/study/<regime>/build<seed>/."""
+    found = {}
+    for d in sorted((out / "study").glob("*/build*")):
+        if (d / "runs").exists() or (d / "analysis").exists():
+            found.setdefault(d.parent.name, {})[int(d.name.removeprefix("build"))] = d
+    return found
+
+
+def recovery_of(d):
+    paths = sorted(d.glob("analysis/recovery-*/recovery.json"))
+    return json.loads(paths[0].read_text()) if paths else None
+
+
+def pct(r, signed=True):
+    """(difference, low, high) as points with its interval."""
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(100 * r[0])} [{f.format(100 * r[1])}, {f.format(100 * r[2])}]"
+
+
+COMPARISONS = [("scope", "opd", "SCOPE - OPD"), ("scope-no_teacher_w", "scope", "teacher weight uniform - SCOPE"),
+               ("scope-no_student_w", "scope", "student weight uniform - SCOPE"),
+               ("scope-noclip", "opd-noclip", "SCOPE - OPD, no gradient clipping")]
+
+
+def study_comparisons(builds, bench_names):
+    """{label: {build: (d, lo, hi, se), "pooled": ...}}: each comparison per build (seeds x problems) and pooled over
+    builds (hierarchical bootstrap: builds, then seeds, then problems)."""
     import analysis
-    lines = []
-    for path in sorted((out / "analysis").glob("recovery-*/recovery.json")):
-        r = json.loads(path.read_text())
-        regime = path.parent.name.removeprefix("recovery-")
-        d, lo, hi = (100 * x for x in r["q1_minus_q4"])
-        verdict = ("holds (Q1 recovers more than Q4, interval above 0)" if r["premise_holds"] else
-                   "fails (Q1 recovers less than Q4, interval below 0)" if r["premise_fails"] else
-                   "is not supported: the Q1 - Q4 interval contains 0")
-        lines += [f"### Regime `{regime}`", "",
-                  f"`{r.get('command', '')}` ({r.get('date', '')}, code {r.get('commit', '')}): {r['problems']} training "
-                  f"problems x {r['samples']} student rollouts (student accuracy {100 * r['student_accuracy']:.1f}%), "
-                  f"{r['incorrect_scored']} incorrect rollouts scored by the teacher, {r['completions']} teacher "
-                  "completions per cut; recovery rate (%) with 95% bootstrap intervals over rollouts:", "",
-                  analysis.table_md(r), "",
-                  f"Q1 minus Q4, averaged over the four cuts: {d:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}]: "
-                  f"the premise **{verdict}**.", "",
-                  f"![recovery {regime}]({os.path.relpath(path.parent / 'recovery.png', out)})", ""]
+    table = {}
+    for a_run, b_run, label in COMPARISONS:
+        row, mats = {}, []
+        for b, d in builds.items():
+            res = load_results(d)
+            seeds = sorted(set(res.get(a_run, {})) & set(res.get(b_run, {})))
+            if not seeds:
+                continue
+            n = next(iter(res[a_run].values()))["config"]["n"]
+            m = diffs(d, a_run, b_run, seeds, bench_names, n)
+            if m is None:
+                continue
+            row[b] = (*analysis.hierarchical([m], bench_names), len(seeds))
+            mats.append(m)
+        if len(mats) > 1 and all(m[0] == mats[0][0] for m in mats):
+            row["pooled"] = (*analysis.hierarchical(mats, bench_names), sum(m[1].shape[0] for m in mats))
+        if row:
+            table[label] = row
+    return table
+
+
+def separated(r):
+    return "above 0" if r[1] > 0 else "below 0" if r[2] < 0 else "not separated from 0"
+
+
+def grad_stats(d, run):
+    """Median gradient norm, fraction of steps clipped, and SCOPE's median path norms, over a run's seeds and steps."""
+    import statistics
+    recs, clip = [], None
+    for path in sorted((d / "runs").glob(f"{run}-s*/metrics.jsonl")):
+        clip = json.loads((path.parent / "config.json").read_text())["grad_clip"]
+        recs += [json.loads(line) for line in path.read_text().splitlines()]
+    if not recs:
+        return None
+    norms = [r["train/grad_norm"] for r in recs]
+    out = {"steps": len(recs), "median grad norm": statistics.median(norms), "clip": clip,
+           "clipped": sum(0 < clip < g for g in norms) / len(norms)}
+    if "train/grad_norm_mle" in recs[0]:
+        out["median MLE-path norm"] = statistics.median(r["train/grad_norm_mle"] for r in recs)
+        out["median OPD-path norm"] = statistics.median(r["train/grad_norm_opd"] for r in recs)
+    return out
+
+
+def study_report(out, bench_names, md_dir):
+    """The study over independently built testbeds: per build and pooled, the premise per cut, SCOPE - OPD, the two
+    weights, how they relate across builds, and what the gradient does. (lines of the report, answers first)"""
+    import analysis
+    regimes = study_dirs(out)
+    if not regimes:
+        return []
+    comps = {reg: study_comparisons(builds, bench_names) for reg, builds in regimes.items()}
+    recs = {reg: {b: recovery_of(d) for b, d in builds.items()} for reg, builds in regimes.items()}
+    lines = ["## What this testbed says (answers from the files below)", ""]
+    for reg, builds in regimes.items():
+        lines.append(f"- **Regime `{reg}`** ({len(builds)} build{'s' if len(builds) > 1 else ''}"
+                     + (", the premise holds here by construction: its teacher saw 2% of the add5 problems, so it is "
+                        "unsure exactly where it is unreliable" if reg == "weak-add5" else "") + ")")
+        prem = {b: r for b, r in recs[reg].items() if r}
+        if prem:
+            lines.append("  - Premise, per cut (pooled quartiles): " + "; ".join(
+                f"build {b}: " + ", ".join(f"{c} {analysis.verdict(r['pooled']['q1_minus_q4'][c])}"
+                                           for c in analysis.CUTS) for b, r in prem.items()) + ".")
+        for label, row in comps[reg].items():
+            per = [f"build {b}: {row[b][0]:+.1f} [{row[b][1]:+.1f}, {row[b][2]:+.1f}] ({separated(row[b])})"
+                   for b in row if b != "pooled"]
+            pooled = row.get("pooled")
+            signs = {separated(row[b]) for b in row if b != "pooled"}
+            lines.append(f"  - {label} (macro Avg, points): " + "; ".join(per)
+                         + (f"; pooled {pooled[0]:+.1f} [{pooled[1]:+.1f}, {pooled[2]:+.1f}] ({separated(pooled)})"
+                            if pooled else "")
+                         + (". The builds agree." if len(signs) == 1 and len(per) > 1 else
+                            ". **The verdict depends on the build.**" if len(per) > 1 else "."))
+    lines += ["", "## The study over independently built testbeds", "",
+              "A build is one teacher/student pair from the same recipe (tiny_testbed.py), seeded by the build seed "
+              "(initialisation, SFT data and order); one build's verdict is one draw of the testbed. Differences are "
+              "paired by build, training seed and test problem (every method sees the same data order, rollout seeds "
+              "and evaluation seeds); intervals are 95% bootstrap intervals (2000 resamples) over seeds and, within "
+              "each level, problems, and, pooled, over builds first: with three builds the build level of that "
+              "bootstrap is coarse, so the per-build rows matter as much as the pooled one. The smallest detectable "
+              "difference is 2.8 standard errors (80% power, two-sided 5%).", ""]
+    for reg, builds in regimes.items():
+        lines += [f"### Regime `{reg}`", ""]
+        for b, d in builds.items():
+            log = d / "invocations.jsonl"
+            for c in ([json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []):
+                lines.append(f"- build {b}: `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])}, code {c.get('commit', '')})")
+            r = recs[reg][b]
+            if r:
+                lines.append(f"- build {b}: `{r.get('command', '')}` ({r.get('date', '')}, "
+                             f"{fmt_time(r.get('wall_s', 0))}, code {r.get('commit', '')})")
+        lines += ["", "**The pairs** (Avg@n on the test split; the untrained student and the teacher, each evaluated as "
+                  "the runs are):", "", "| build | teacher | student (untrained) | student accuracy on the recovery "
+                  "sample | incorrect rollouts analysed |", "|---|---|---|---|---|"]
+        for b, d in builds.items():
+            res, r = load_results(d), recs[reg][b]
+
+            def avg(run):
+                vals = metric_values(res, run, "average", f"avg@{next(iter(res[run].values()))['config']['n']}") \
+                    if run in res else []
+                return f"{100 * sum(vals) / len(vals):.1f}" if vals else "-"
+            lines.append(f"| {b} | {avg('teacher')} | {avg('base')} | "
+                         + (f"{100 * r['student_accuracy']:.1f}% | {r['incorrect_scored']} |" if r else "- | - |"))
+        lines += ["", "**Does the premise hold at each cut?** Q1 - Q4 recovery (points) per cut; quartiles of teacher "
+                  "perplexity over all incorrect rollouts (pooled) and within each level (the level moves both length "
+                  "and perplexity); intervals resample problems with all their rollouts and cuts:", "",
+                  "| build | quartiles | " + " | ".join(f"cut at {c}" for c in analysis.CUTS) + " |",
+                  "|---" * (2 + len(analysis.CUTS)) + "|"]
+        for b, r in recs[reg].items():
+            for where, name in (("pooled", "pooled"), ("within_level", "within level")):
+                if r:
+                    d = r[where]["q1_minus_q4"]
+                    lines.append(f"| {b} | {name} | " + " | ".join(f"{pct(d[c])} {analysis.verdict(d[c])}"
+                                                                for c in analysis.CUTS) + " |")
+        lines += ["", "**Does SCOPE beat OPD, and do the two weights help?** (macro Avg, points; training seeds in "
+                  "parentheses)", "",
+                  "| comparison | " + " | ".join(f"build {b}" for b in builds) + " | pooled | smallest detectable "
+                  "(pooled) |", "|---" * (len(builds) + 3) + "|"]
+        for label, row in comps[reg].items():
+            cells = [f"{row[b][0]:+.1f} [{row[b][1]:+.1f}, {row[b][2]:+.1f}] ({row[b][4]})" if b in row else "-"
+                     for b in builds]
+            p = row.get("pooled")
+            lines.append(f"| {label} | " + " | ".join(cells) + " | "
+                         + (f"{p[0]:+.1f} [{p[1]:+.1f}, {p[2]:+.1f}] | {2.8 * p[3]:.1f} |" if p else "- | - |"))
+        lines += ["", "**What the gradient does** (over every step of every seed; clipped: the step's norm exceeded "
+                  "`--grad_clip`):", "", "| build | run | steps | median grad norm | clip | steps clipped | median MLE-"
+                  "path norm | median OPD-path norm |", "|---|---|---|---|---|---|---|---|"]
+        for b, d in builds.items():
+            for run in ("scope", "opd", "scope-no_teacher_w", "scope-no_student_w", "scope-noclip", "opd-noclip"):
+                g = grad_stats(d, run)
+                if g:
+                    paths = [f"{g[k]:.2f}" if k in g else "-" for k in ("median MLE-path norm", "median OPD-path norm")]
+                    lines.append(f"| {b} | {run} | {g['steps']} | {g['median grad norm']:.2f} | {g['clip'] or 'off'} | "
+                                 f"{100 * g['clipped']:.0f}% | {paths[0]} | {paths[1]} |")
+        plots_ = [(b, d / "analysis" / f"recovery-{reg}" / "recovery.png") for b, d in builds.items()]
+        lines += [""] + [f"![error recovery, regime {reg}, build {b}]({os.path.relpath(p, md_dir)})"
+                         for b, p in plots_ if p.exists()] + [""]
+    lines += relation_section(regimes, recs, comps)
     return lines
 
 
-def study_answers(out, bench_names):
-    """Issue #12's questions, answered per regime from the result files: premise, SCOPE vs OPD, weight directions."""
-    lines = []
-    for d in sorted(p for p in (out / "study").glob("*") if (p / "runs").exists()):
-        res = load_results(d)
-        if "scope" not in res:
-            continue
-        n = next(iter(res["scope"].values()))["config"]["n"]
-        rec = out / "analysis" / f"recovery-{d.name}" / "recovery.json"
-        lines.append(f"- **Regime `{d.name}`**")
-        if rec.exists():
-            r = json.loads(rec.read_text())
-            q = [100 * x for x in r["q1_minus_q4"]]
-            lines.append(f"  - Premise (low teacher perplexity predicts recovery): "
-                         f"{'holds' if r['premise_holds'] else 'fails' if r['premise_fails'] else 'not supported'}"
-                         f" (Q1 - Q4 recovery {q[0]:+.1f} points, 95% interval [{q[1]:+.1f}, {q[2]:+.1f}]).")
-
-        def diff(a, b):
-            seeds = sorted(set(res.get(a, {})) & set(res.get(b, {})))
-            return paired(d, a, b, seeds, bench_names, n) if len(seeds) >= 2 else None
-
-        def say(r):
-            return (f"{r[0]:+.1f} points [{r[1]:+.1f}, {r[2]:+.1f}], "
-                    + ("separated from 0" if r[1] > 0 or r[2] < 0 else "not separated from 0"))
-        r = diff("scope", "opd")
-        if r:
-            lines.append(f"  - SCOPE - OPD, macro Avg@{n}: {say(r)}.")
-        for path in ("teacher", "student"):
-            parts = [f"{kind} {say(r)}" for kind, run in (("uniform", f"scope-no_{path}_w"),
-                                                          ("reversed", f"scope-reversed_{path}_w"))
-                     if (r := diff(run, "scope"))]
-            if parts:
-                lines.append(f"  - The paper's {path} weight against (ablation - SCOPE): " + "; ".join(parts) + ".")
-    return lines
-
-
-def study_sections(out, bench_names):
-    """Each regime of the statistical study under <out>/study/<regime>/ (issue #12): main table, paired
-    comparisons, Pass@k."""
-    lines = []
-    for d in sorted(p for p in (out / "study").glob("*") if (p / "runs").exists()):
-        res = load_results(d)
-        if not res:
-            continue
-        runs = [r for r in [*METHODS, *ABLATIONS] if r in res]
-        n = next(iter(next(iter(res.values())).values()))["config"]["n"]
-        limit = next(iter(next(iter(res.values())).values()))["config"]["limit"]
-        log = d / "invocations.jsonl"
-        calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        lines += [f"### Regime `{d.name}`", "",
-                  *[f"- `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])}, code {c.get('commit', '')})" for c in calls],
-                  f"- {limit} test problems per level, {n} samples each; seeds per run: "
-                  + "; ".join(f"{r}: {len(res[r])}" for r in runs), "",
-                  results_table(res, runs, bench_names, n, d), "", paired_table(d, res, runs, bench_names, n), "",
-                  "Pass@k (paper section 2.1, Fig. 1a):", "", pass_at_k_table(res, n), ""]
+def relation_section(regimes, recs, comps):
+    """Across builds and regimes: does a pair where the premise holds more strongly show a better SCOPE - OPD?"""
+    pts = []
+    for reg, builds in regimes.items():
+        for b in builds:
+            r, c = recs[reg].get(b), comps[reg].get("SCOPE - OPD", {}).get(b)
+            if r and c:
+                strength = sum(r["pooled"]["q1_minus_q4"][k][0] for k in r["pooled"]["q1_minus_q4"]) / 4
+                pts.append((reg, b, 100 * strength, c[0]))
+    if len(pts) < 2:
+        return []
+    lines = ["### Does a stronger premise go with a better SCOPE - OPD?", "",
+             "| regime | build | premise strength: Q1 - Q4, mean over the four cuts (points) | SCOPE - OPD (points) |",
+             "|---|---|---|---|", *[f"| {reg} | {b} | {x:+.1f} | {y:+.1f} |" for reg, b, x, y in pts], ""]
+    xs, ys = [p[2] for p in pts], [p[3] for p in pts]
+    rank = lambda v: [sorted(v).index(x) for x in v]                              # noqa: E731  (no ties expected)
+    rx, ry = rank(xs), rank(ys)
+    m = (len(pts) - 1) / 2
+    num = sum((a - m) * (b - m) for a, b in zip(rx, ry))
+    den = (sum((a - m) ** 2 for a in rx) * sum((b - m) ** 2 for b in ry)) ** 0.5
+    rho = num / den if den else float("nan")
+    lines += [f"Spearman rank correlation over these {len(pts)} pairs: {rho:+.2f}. With {len(pts)} pairs, "
+              f"only a perfect ordering (|rho| = 1) would be unlikely by chance (probability {2 / math.factorial(len(pts)):.3f} "
+              "for either sign), and the pairs differ in more than the premise (student accuracy, teacher), so this "
+              "can show a direction, not establish one.", ""]
     return lines
 
 
@@ -611,7 +754,7 @@ def plots(out, res, runs, seeds, n):
     ks = metrics.ks_up_to(n)
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for run in runs:
-        if run in res and not run.startswith("scope-"):
+        if run in res and run not in ABLATIONS:
             ys = [100 * sum(metric_values(res, run, "average", f"pass@{k}")) / len(res[run]) for k in ks]
             ax.plot(ks, ys, marker="o", label=LABELS.get(run, run))
     ax.set(xscale="log", xlabel="k", ylabel="Pass@k (%), macro average", title="Pass@k (unbiased)")
@@ -625,7 +768,7 @@ def plots(out, res, runs, seeds, n):
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for run in runs:
-        if run == "base" or run.startswith("scope-"):
+        if run in ("base", "teacher") or run in ABLATIONS:
             continue
         path = out / "runs" / f"{run}-s{seeds[0]}" / "metrics.jsonl"
         if not path.exists():
@@ -646,7 +789,7 @@ def plots(out, res, runs, seeds, n):
     plt.close(fig)
     made[f"Training dynamics, seed {seeds[0]} (paper Fig. 3)"] = pdir / "training_dynamics.png"
 
-    abl = [r for r in runs if r.startswith("scope") and r in res]
+    abl = [r for r in runs if (r == "scope" or r in ABLATIONS) and r in res]
     if len(abl) > 1:
         fig, ax = plt.subplots(figsize=(8, 3.6))
         vals = [mean_ci([100 * v for v in metric_values(res, r, "average", f"avg@{n}")]) for r in abl]
@@ -664,9 +807,9 @@ def write_report(a, out, bench_names):
     res = load_results(out)
     if not res:
         raise SystemExit(f"no evaluation results under {out}")
-    runs = [r for r in [*METHODS, *ABLATIONS] if r in res]                 # everything on disk, in table order
+    runs = [r for r in [*KNOWN, *ABLATIONS] if r in res]                   # everything on disk, in table order
     n = next(iter(next(iter(res.values())).values()))["config"]["n"]
-    main_runs = [r for r in runs if not r.startswith("scope-")]
+    main_runs = [r for r in runs if r not in ABLATIONS]
     seeds = sorted({s for r in main_runs for s in res[r]})
     log = out / "invocations.jsonl"
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -690,7 +833,7 @@ def write_report(a, out, bench_names):
     if a.preset == "paper":
         lines += ["## The paper's own numbers (Table 1, R1-Distill-Qwen-1.5B; NOT produced by this run)", "",
                   paper_table(), ""]
-    abl = [r for r in runs if r.startswith("scope-")]
+    abl = [r for r in runs if r in ABLATIONS]
     if abl:
         lines += ["## SCOPE ablations", "", results_table(res, ["scope"] + abl, bench_names, n, out), "",
                   "no_teacher_w / no_student_w: that path's weights uniform; uniform: both; reversed_*: the exponent's "
@@ -699,18 +842,15 @@ def write_report(a, out, bench_names):
                   "in brackets gives a run's sampling temperature and grader where they are not the defaults (T 1, "
                   "is_equiv).", ""]
     lines += ["## Does the paper's ordering hold here?", "", ordering(res, n), ""]
-    if (out / "analysis").exists():
-        lines += ["## Does the premise hold here? Error recovery (paper section 2.2, Fig. 1b)", "",
-                  *recovery_section(out)]
-    study = study_sections(out, bench_names)
-    if study:
-        lines += ["## The questions of issue #12, answered from the files", "",
-                  *study_answers(out, bench_names), ""]
-        lines += ["## Paired study: whole test split, 5 seeds, two regimes (issue #12)", "",
-                  "Differences are paired by seed and problem (every method sees the same data order, rollout seeds "
-                  "and evaluation seeds); intervals from 2000 bootstrap resamples of seeds and, within each level, "
-                  "problems; the smallest detectable difference is 2.8 standard errors (80% power, two-sided 5%).", "",
-                  *study]
+    pt = paired_table(out, res, runs, bench_names, n)
+    if pt:
+        lines += ["## Paired differences", "", "Paired by seed and problem, 95% bootstrap intervals over seeds and, "
+                  "within each level, problems; smallest detectable difference 2.8 standard errors.", "", pt, ""]
+    if "base" in res:
+        lines += ["## Pass@k (paper section 2.1, Fig. 1a)", "", pass_at_k_table(res, n), ""]
+    study = study_report(out, bench_names, Path(a.results_md).parent)
+    at = lines.index("## Main table (layout of the paper's Table 1)")
+    lines[at:at] = study                                                # the study's answers come first
     lines += ["## Plots", ""]
     for title, path in plots(out, res, runs, seeds, n).items():
         lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, Path(a.results_md).parent)})", ""]

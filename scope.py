@@ -614,7 +614,10 @@ class Args:
     weight_decay: float = 0.01
     """AdamW weight decay"""
     grad_clip: float = 1.0
-    """max gradient norm"""
+    """max gradient norm (0: no clipping)"""
+    path_grad_norms: bool = False
+    """scope: log the gradient norms of its two paths per step (train/grad_norm_mle, train/grad_norm_opd; one extra
+    backward pass per micro-batch; one process only)"""
     tau: float = 1.0
     """SCOPE weight temperature (eq. 4-5)"""
     weight_norm: str = "sum"
@@ -791,6 +794,8 @@ def setup(args):
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {args.prompts_per_step} is not a multiple of the {world} ranks")
+    if args.path_grad_norms and ddp:
+        raise SystemExit("--path_grad_norms works in one process only (FSDP2 shards the gradients it compares)")
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -909,6 +914,8 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
     student.train()
     opt.zero_grad(set_to_none=True)
     logs, gap, nll, shared = [], [], 0.0, n > 1 and not args.gradient_checkpointing   # (no GC + KV cache)
+    params = [p for p in student.parameters() if p.requires_grad]
+    mle_grad = [torch.zeros_like(p) for p in params] if args.path_grad_norms and args.method == "scope" else None
     for j, sl in enumerate(parts):
         part = trim({k: v[sl] for k, v in batch.items()})
         if rt.fsdp:                                                   # reduce-scatter gradients once, after the last
@@ -920,6 +927,10 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
         loss, m = method_loss(args, logp, part, None if w is None else w[sl], None if adv is None else adv[sl],
                               None if logp_teacher is None else logp_teacher[sl, :width],
                               None if logp_ref is None else logp_ref[sl, :width], counts)
+        if mle_grad is not None:                                      # the MLE path alone: the OPD path's weights zeroed
+            mle = method_loss(args, logp, part, w[sl] * part["rewards"], None, logp_teacher[sl, :width], None, counts)[0]
+            for acc, g in zip(mle_grad, torch.autograd.grad(mle, params, retain_graph=True, allow_unused=True)):
+                acc += 0 if g is None else g
         (loss * rt.world).backward()                                  # FSDP2 averages over ranks: undo, to sum
         logs.append(m)
         pm = part["response_mask"]
@@ -932,14 +943,18 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
             raise RuntimeError(f"rollout/sampler_gap {g[0] / max(g[1], 1.0):.3f} nats per token > --max_sampler_gap "
                                f"{args.max_sampler_gap}: the rollouts were sampled from other weights than the trainer's "
                                "(stale engine weights after a sync?); no update was made")
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+    paths = {} if mle_grad is None else {                             # total = MLE path + OPD path, before clipping
+        "train/grad_norm_mle": float(torch.stack([g.norm() for g in mle_grad]).norm()),
+        "train/grad_norm_opd": float(torch.stack([(p.grad - g).norm() for p, g in zip(params, mle_grad)]).norm())}
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip or math.inf)
     opt.step()
     student.eval()
     losses = {k: sum(m[k] for m in logs) for k in logs[0] if k.startswith("loss/")}   # micro-batches sum up ...
     record = {k: sum(m[k] for m in logs) / len(logs) for k in logs[0]}
     record.update(zip(losses, all_reduce(losses.values(), rt.device)))  # ... and so do ranks (global normalisers)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP2: a DTensor
-    return {**record, "loss": sum(record[k] for k in losses), "train/grad_norm": float(grad_norm), "_nll": nll,
+    return {**record, **paths, "loss": sum(record[k] for k in losses), "train/grad_norm": float(grad_norm),
+            "train/clipped": float(0 < args.grad_clip < float(grad_norm)), "_nll": nll,
             "_gap": sum(gap) if args.method != "kd" else math.nan}
 
 

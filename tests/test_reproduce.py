@@ -1,6 +1,7 @@
 """reproduce.py smoke runs: one process (then a second invocation that skips finished work) and torchrun."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,32 +93,79 @@ def test_each_invocation_gets_a_fresh_directory_unless_one_is_named():
         reproduce.output_paths(reproduce.RArgs(report_only=True), 0.0)
 
 
-def test_study_paths_paired_table_pass_at_k_and_recovery_at_smoke_size(micro_models, tmp_path):
-    """Issue #12 code paths at smoke size: PSR and two seeds in a study directory (paired comparisons, Pass@k), the
-    error-recovery analysis, and the report that gathers them. Smoke numbers say nothing about the method."""
+def test_study_over_builds_recovery_and_report_at_smoke_size(micro_models, tmp_path):
+    """The study's code paths at smoke size: two builds (here the same micro models, so only the bookkeeping is
+    tested), the teacher as a reference run, two seeds, an ablation, path gradient norms, the error-recovery analysis
+    per build, and the report that gathers them with the answers first. Smoke numbers say nothing about the method."""
     import json
-    import analysis
     student, teacher = micro_models
     study = tmp_path / "results" / "study" / "default"
-    reproduce.main(["--smoke", "--student", student, "--teacher", teacher, "--out", str(study), "--seeds", "0,1",
-                    "--methods", "base,psr,opd,scope", "--ablations", "--ablation-runs", "scope-no_teacher_w"])
-    r = analysis.recovery(student, teacher, tmp_path / "results" / "analysis" / "recovery-default", problems=8,
-                          samples=2, max_incorrect=8, completions=2, log=lambda *a: None)
-    assert set(r["quartiles"]) == {"Q1", "Q2", "Q3", "Q4"} and len(r["q1_minus_q4"]) == 3
-    for q in r["quartiles"].values():
-        assert all(0 <= q[f"{c}%"][0] <= 1 for c in (20, 40, 60, 80))
-    reproduce.main(["--smoke", "--student", student, "--teacher", teacher, "--out", str(study), "--seeds", "0",
-                    "--methods", "scope", "--results-md", str(tmp_path / "unused.md")])        # nothing to redo
-    (tmp_path / "results" / "runs" / "base-s0" / "eval").mkdir(parents=True)                # a main table to sit beside
+    common = ["--smoke", "--student", student, "--teacher", teacher, "--out", str(study), "--build-seeds", "0,1"]
+    reproduce.main([*common, "--seeds", "0,1", "--methods", "teacher,base,opd,scope", "--ablations",
+                    "--ablation-runs", "scope-no_teacher_w", "--path-grad-norms"])
+    reproduce.main([*common, "--analysis", "recovery", "--analysis-problems", "8"])
+    for b in (0, 1):
+        r = json.loads((study / f"build{b}" / "analysis" / "recovery-default" / "recovery.json").read_text())
+        assert set(r["pooled"]["quartiles"]) == {"Q1", "Q2", "Q3", "Q4"} and r["build"] == b
+        assert set(r["pooled"]["q1_minus_q4"]) == {"20%", "40%", "60%", "80%"}
+        items = json.loads((study / f"build{b}" / "analysis" / "recovery-default" / "items.json").read_text())
+        assert len(items) == r["incorrect_scored"] and all(len(it["recovery"]) == 4 for it in items)
+        assert (study / f"build{b}" / "RESULTS.md").exists()                  # each build a complete directory
+        recs = [json.loads(line) for line in (study / f"build{b}" / "runs" / "scope-s0" / "metrics.jsonl").open()]
+        assert all(r["train/grad_norm_mle"] > 0 and "train/clipped" in r for r in recs)
+    (tmp_path / "results" / "runs" / "base-s0" / "eval").mkdir(parents=True)                # a main table beside it
     (tmp_path / "results" / "runs" / "base-s0" / "eval" / "results.json").write_text(
-        (study / "runs" / "base-s0" / "eval" / "results.json").read_text())
+        (study / "build0" / "runs" / "base-s0" / "eval" / "results.json").read_text())
     reproduce.main(["--out", str(tmp_path / "results"), "--results-md", str(tmp_path / "R.md"), "--report-only"])
     md = (tmp_path / "R.md").read_text()
-    assert "## Does the premise hold here?" in md and "### Regime `default`" in md
-    assert "| SCOPE - OPD | 2 |" in md and "| no_teacher_w - SCOPE |" in md.replace("scope-no_teacher_w", "no_teacher_w")
-    assert "| + PSR (correct rollouts only) |" in md and "Pass@1 | Pass@2" in md
-    d = reproduce.paired(study, "scope", "opd", [0, 1], [f"tiny-{lv}" for lv in ("add3", "add4", "add5", "frac")], 2)
-    assert d[1] <= d[0] <= d[2] and d[3] >= 0
+    assert md.index("## What this testbed says") < md.index("## Main table")   # the answers first
+    assert "### Regime `default`" in md and "| 0 | pooled |" in md and "| 1 | within level |" in md
+    assert "| SCOPE - OPD | " in md and "| teacher weight uniform - SCOPE |" in md and "issue #" not in md
+    assert "Spearman rank correlation over these 2 pairs" in md and "| 0 | scope | 4 |" in md
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md):                  # every image renders
+        assert (tmp_path / link).exists(), link
+
+
+def test_every_image_in_the_committed_results_exists():
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", (ROOT / "RESULTS.md").read_text()):
+        assert (ROOT / link).exists(), link
+
+
+def test_hierarchical_bootstrap_over_builds_finds_a_planted_difference():
+    """Three builds, three seeds, 200 problems in two levels: run a = run b + 0.1 everywhere gives exactly 10 points
+    with an interval of width 0; adding build-level noise widens it, and the build level is resampled (an interval
+    from builds that disagree covers all of them)."""
+    import numpy as np
+    import analysis
+    keys = [("x", i) for i in range(100)] + [("y", i) for i in range(100)]
+    rng = np.random.default_rng(0)
+    same = [(keys, np.full((3, 200), 0.1)) for _ in range(3)]
+    assert analysis.hierarchical(same, ["x", "y"])[:3] == pytest.approx((10.0, 10.0, 10.0))
+    builds = [(keys, shift + rng.normal(0, 0.3, (3, 200))) for shift in (-0.05, 0.0, 0.2)]
+    d, lo, hi, se = analysis.hierarchical(builds, ["x", "y"])
+    per = [analysis.hierarchical([b], ["x", "y"]) for b in builds]
+    assert lo < min(p[0] for p in per) + 2 and hi > max(p[0] for p in per) - 2 and se > max(p[3] for p in per)
+
+
+def test_recovery_summary_per_cut_and_within_level():
+    """summarize_recovery: recovery that falls with teacher perplexity gives Q1 - Q4 > 0 at every cut, pooled and
+    within levels; recovery that does not depend on perplexity gives exactly 0 with a zero-width interval."""
+    import random
+    import analysis
+    rng = random.Random(0)
+    planted, flat = [], []
+    for p in range(120):
+        for j in range(4):
+            ppl = rng.uniform(1, 3) + 0.5 * (p % 4)
+            planted.append({"problem": p, "level": f"l{p % 4}", "ppl": ppl,
+                            "recovery": [max(0.0, 1.2 - 0.4 * (ppl - 0.5 * (p % 4)) - 0.1 * c) for c in range(4)]})
+            flat.append({**planted[-1], "recovery": [0.5] * 4})
+    r = analysis.summarize_recovery(planted)
+    for where in ("pooled", "within_level"):
+        assert all(analysis.verdict(v) == "holds" for v in r[where]["q1_minus_q4"].values())
+    z = analysis.summarize_recovery(flat)
+    assert all(v == [0.0, 0.0, 0.0] for v in z["pooled"]["q1_minus_q4"].values())
+    assert all(analysis.verdict(v) == "not supported" for v in z["within_level"]["q1_minus_q4"].values())
 
 
 def test_paired_bootstrap_finds_a_planted_difference(tmp_path):

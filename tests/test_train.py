@@ -308,6 +308,42 @@ def test_token_budget_split_inside_groups_leaves_the_gradient_unchanged(micro_mo
         assert (a - b).abs().max() <= 1e-5 * (1 + a.abs().max())
 
 
+def test_path_gradient_norms_split_the_scope_gradient(micro_models):
+    """--path_grad_norms: train/grad_norm_mle is the norm of the gradient of the MLE path alone (checked against a
+    separate update whose OPD path is zero because the teacher's log-probs are the student's own: sg(s - T) = 0), and
+    train/grad_norm_opd the norm of the rest; micro-batches cut the groups apart, as in the loop."""
+    import contextlib
+    import types
+    from transformers import AutoModelForCausalLM
+    student_dir, teacher_dir = micro_models
+    args = run_args(micro_models, "unused", method="scope", grad_clip=1e9, micro_batch_tokens=150)
+    rt = types.SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), fsdp=False, amp=contextlib.nullcontext)
+    tok = scope.load_model(student_dir, "student")
+    teacher = scope.load_model(teacher_dir, "teacher", "float32")
+    rows = tiny_testbed.tiny_task("train", 64, seed=0)
+    idx, my = scope.step_prompts(0, len(rows), 4, 0), [0, 1, 2, 3]
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    batch = scope.sample_rollouts(args, rt, 0, student, teacher, tok, rows, idx, my, {})
+    batch["rewards"] = scope.verify_rollouts(tok, batch, [rows[idx[j]]["answer"] for j in my], 4, rt.device)
+    batch["groups"] = torch.tensor(my).repeat_interleave(4)
+    assert 0 < batch["rewards"].sum() < 16                           # both paths have rollouts
+    lp_t = scope.score_logprobs(teacher, batch, batch["groups"], 100000)
+    noop = types.SimpleNamespace(zero_grad=lambda set_to_none: None, step=lambda: None)
+    grads = {}
+    for name, teacher_lp, flag in (("both", lp_t, True), ("mle", batch["logp_sampler"], False)):
+        model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+        rec = scope.update_student(dataclasses.replace(args, path_grad_norms=flag), rt, model, noop, batch, teacher_lp,
+                                   None)
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+        grads[name + "_rec"] = rec
+    mle = torch.stack([g.norm() for g in grads["mle"]]).norm()
+    opd = torch.stack([(a - b).norm() for a, b in zip(grads["both"], grads["mle"])]).norm()
+    rec = grads["both_rec"]
+    assert math.isclose(rec["train/grad_norm_mle"], float(mle), rel_tol=1e-3)
+    assert math.isclose(rec["train/grad_norm_opd"], float(opd), rel_tol=1e-3) and opd > 0.1 * mle
+    assert rec["train/clipped"] == 0.0 and "train/grad_norm_mle" not in grads["mle_rec"]
+
+
 def test_micro_batches_respect_the_budget_and_a_requested_count():
     lengths = torch.tensor([5, 9, 3, 30, 4, 4, 4, 4])
     batch = {"prompt_mask": torch.ones(8, 2), "response_mask": (torch.arange(30)[None] < lengths[:, None]).long()}
