@@ -41,7 +41,7 @@ def sample_student(student, tok, rows, samples, max_new_tokens, seed, chunk=32):
         part = list(range(start, min(start + chunk, len(rows))))
         seeds = scope.row_seeds(seed, "recovery-student", [(i, j) for i in part for j in range(samples)])
         b = scope.generate(student, tok, [prompts[i] for i in part], samples, max_new_tokens, 1.0, seeds=seeds)
-        texts = tok.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
+        texts = scope.decode_responses(tok, b)
         for q, i in enumerate(part):
             for j in range(samples):
                 row = q * samples + j
@@ -97,7 +97,7 @@ def recovery(student_dir, teacher_dir, out, problems=192, samples=8, completions
         seeds = scope.row_seeds(seed, "recovery-teacher", [(start + q, j) for q in range(len(part))
                                                             for j in range(completions)])
         b = scope.generate(teacher, tok, texts_in, completions, max_new_tokens, 1.0, seeds=seeds)
-        texts = tok.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
+        texts = scope.decode_responses(tok, b)
         for q, (w, f) in enumerate(part):
             gold = rows[rollouts[wrong[w]][0]]["answer"]
             ok = [verifier.reward(prefix[q] + texts[q * completions + j], gold, bool(b["truncated"][q * completions + j]))

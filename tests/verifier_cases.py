@@ -202,7 +202,8 @@ CASES = [
     ("set", "(1,1), (3,2)", "(3,2), (1,1)", True),
     ("set", "(1,1), (3,2)", "(1,1), (2,3)", False),
     ("set", "-1, 1", "1, -1", True),
-    ("set", "\\pm 1", "1, -1", False),
+    ("set", "\\pm 1", "1, -1", True),                # a \pm b is its two values (policy since 2026-11-30)
+    ("set", "\\pm 1", "1", False),
     # ---- intervals and unions
     ("interval", "(1,2]", "(1, 2]", True),
     ("interval", "(1,2]", "[1,2]", False),
@@ -276,4 +277,18 @@ CASES = [
     ("assign", "2x = 2", "2", False),
     ("units", "40", "40厘米", True),
     ("units", "40米", "40厘米", False),
+    # ---- 2026-11-30 (issue #21): units with a slash, a +- b as its two values, a leading yes/no, a named function
+    ("units", "15,000 \\, \\text{kcal/day}", "15000", True),
+    ("units", "50 km/h", "50", True),
+    ("units", "50 km/h", "50 m/s", False),
+    ("pm", "3 \\pm \\sqrt{2}", "3+\\sqrt{2}, 3-\\sqrt{2}", True),
+    ("pm", "\\frac{-1 \\pm \\sqrt{5}}{2}", "\\frac{-1-\\sqrt5}{2}, \\frac{-1+\\sqrt5}{2}", True),
+    ("pm", "±2", "2, -2", True),
+    ("pm", "3 \\pm \\sqrt{2}", "3+\\sqrt{2}", False),
+    ("pm", "3 \\pm \\sqrt{2}", "3+\\sqrt{2}, 3+\\sqrt{3}", False),
+    ("yes", "\\text{Yes, } n=4", "4", True),
+    ("yes", "\\text{No, } 5", "4", False),
+    ("yes", "Yes, 4", "Yes", False),
+    ("assign", "x(t) = 5\\sin(2t) + 3\\cos(2t)", "5\\sin(2t)+3\\cos(2t)", True),
+    ("assign", "x(t) = 5\\sin(2t)", "5\\cos(2t)", False),
 ]

@@ -1,0 +1,156 @@
+"""The edges a user meets: every row of the README's bad-input table on scope.py, `python -m eval` and reproduce.py
+(a clear message naming the field, file or value, no traceback, nothing already written lost), checkpoint files that
+could run code, and both flag spellings on every entry point."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import reproduce
+import scope
+from conftest import ROOT
+from eval import run as eval_run
+from test_train import cli, run_args
+
+
+def cli_run(args, timeout=120):
+    """An entry point in its own process: (exit code, stderr)."""
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return res.returncode, res.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["scope.py", "--method", "foo"], "method='foo' is not one of"),
+    (["scope.py", "--resume", "maybe"], "expected true or false, got 'maybe'"),
+    (["scope.py", "--steps", "0"], "--steps must be at least 1"),
+    (["scope.py", "--out-dirr", "x"], "unrecognized arguments: --out-dirr"),
+    (["-m", "eval", "--model", "m", "--backend", "foo"], "--backend must be hf or vllm, got 'foo'"),
+    (["reproduce.py", "--methods", "scope,foo"], "--methods: unknown method 'foo'"),
+    (["reproduce.py", "--build-seeds", "0,x"], "--build-seeds must be comma-separated integers"),
+])
+def test_unknown_option_values_are_usage_errors(argv, message):
+    code, err = cli_run(argv)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_bad_data_is_named_with_its_file_and_line(micro_models, tmp_path):
+    """scope.py --data: missing, empty, malformed and incomplete files stop at once, naming the file (and line)."""
+    cases = {"missing.jsonl": (None, "no such file"), "empty.jsonl": ("", "no problems in .*empty.jsonl"),
+             "bad.jsonl": ('{"problem": "1+1", "answer": "2"}\n{not json\n', r"bad.jsonl:2: not a JSON object"),
+             "field.jsonl": ('{"problem": "1+1"}\n', r"field.jsonl:1: field 'answer' is missing"),
+             "list.jsonl": ('[1, 2]\n', r"list.jsonl:1: field 'problem' is missing")}
+    for name, (text, message) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            scope.train(run_args(micro_models, tmp_path / "out", data=str(tmp_path / name)))
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(SystemExit, match="no .jsonl file in this directory"):
+        scope.load_problems(str(tmp_path / "dir"))
+    code, err = cli_run(["scope.py", *cli(micro_models, tmp_path / "o", ["--data", str(tmp_path / "empty.jsonl")])])
+    assert code == 1 and "no problems in" in err and "Traceback" not in err, err      # the reported ZeroDivisionError
+
+
+def test_jsonl_problems_are_read_lazily_and_keep_only_problem_and_answer(tmp_path):
+    rows = [{"problem": f"{i}+1=?", "answer": str(i + 1), "r1_solution": "x" * 1000} for i in range(5)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]) + "\n")   # a blank line
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
+    data = scope.load_problems(str(tmp_path))
+    assert len(data) == 5 and [data[i] for i in range(5)] == [{"problem": r["problem"], "answer": r["answer"]}
+                                                              for r in rows]
+    assert all(isinstance(x, tuple) and len(x) == 2 for x in data.index)   # offsets held, no row
+
+
+def test_resume_edges_stop_before_anything_is_written(micro_models, tmp_path):
+    """--resume with nothing to resume; a checkpoint of other settings; one written by another number of ranks; a fresh
+    run over an earlier run's checkpoint: each stops with a message, and the earlier run's files are untouched."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+        scope.train(run_args(micro_models, out, resume=True))
+    scope.train(run_args(micro_models, out, steps=1))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match=r"other settings: --lr 0.0003 \(now 0.1\), --tau 1.0 \(now 2.0\)"):
+        scope.train(run_args(micro_models, out, steps=2, resume=True, lr=0.1, tau=2.0))
+    with pytest.raises(SystemExit, match="holds an earlier run's checkpoint: --resume continues it"):
+        scope.train(run_args(micro_models, out, steps=2))
+    state = out / "checkpoint" / "state.json"
+    s = json.loads(state.read_text())
+    state.write_text(json.dumps({**s, "world": 2}))
+    with pytest.raises(SystemExit, match=r"written by 2 rank\(s\), this run has 1"):
+        scope.train(run_args(micro_models, out, steps=2, resume=True))
+    state.write_text(json.dumps(s))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    scope.train(run_args(micro_models, out, steps=2, resume=True, eval_every=1))   # resumable settings may change
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(micro_models, tmp_path):
+    """optimizer.pt is loaded with weights_only: a file whose unpickling runs code (os.system here) is refused with a
+    message, and the code never runs. The RNG files, which now also hold NumPy's state, load the same way."""
+    out = tmp_path / "run"
+    scope.train(run_args(micro_models, out, steps=1))
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    good = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)   # the real file passes
+    torch.save({"state": {}, "param_groups": [], "x": Payload()}, out / "checkpoint" / "optimizer.pt")
+    with pytest.raises(SystemExit, match=r"optimizer.pt: refused: it holds more than tensors.*could run code"):
+        scope.train(run_args(micro_models, out, steps=2, resume=True))
+    assert not marker.exists() and "state" in good
+    rng = scope.load_tensors(out / "checkpoint" / "rng_rank0.pt")
+    assert set(rng) == {"torch", "python", "numpy"}
+
+
+def test_a_tokenizer_without_a_chat_template_is_named(micro_models, tmp_path):
+    student, _ = micro_models
+    tok = scope.load_model(student, "student")
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "tok")
+    with pytest.raises(SystemExit, match="tokenizer .* has no chat template"):
+        scope.load_model(str(tmp_path / "tok"), "student")
+
+
+def test_prompts_per_step_not_divisible_by_the_ranks(micro_models, tmp_path):
+    code, err = cli_run(["-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29524", "scope.py",
+                         *cli(micro_models, tmp_path, ["--prompts-per-step", "3"])], timeout=180)
+    assert code != 0 and err.count("--prompts-per-step 3 is not a multiple of the 2 ranks") == 2   # both ranks
+    assert "scope.py\", line" not in err                                # torchrun reports the exit; no frame of ours
+
+
+def test_eval_bad_inputs_name_the_file(tmp_path):
+    (tmp_path / "aime24.jsonl").write_text("")
+    code, err = cli_run(["-m", "eval", "--model", "m", "--benchmarks", "aime24", "--data-dir", str(tmp_path)])
+    assert code == 1 and "aime24.jsonl: expected 30 problems for aime24, found 0" in err and "Traceback" not in err
+    code, err = cli_run(["-m", "eval", "--model", "m", "--benchmarks", "gsm8k"])
+    assert code == 1 and "unknown benchmark 'gsm8k'" in err and "Traceback" not in err
+    code, err = cli_run(["-m", "eval", "--model", str(tmp_path / "nope"), "--preset", "tiny", "--limit", "1"])
+    assert code == 1 and "cannot load the model model" in err and "Traceback" not in err
+
+
+def test_every_flag_takes_both_spellings():
+    """--out-dir and --out_dir (and so for every field) on every entry point; --help shows the hyphen spelling only."""
+    import dataclasses
+    for cls in (scope.Args, eval_run.EvalArgs, reproduce.RArgs):
+        parser = scope.dataclass_cli(cls, [])[0]
+        for f in dataclasses.fields(cls):
+            value = {bool: "true", int: "3", float: "0.5"}.get(f.type, "x")
+            for flag in ("--" + f.name, "--" + f.name.replace("_", "-")):
+                given = scope.dataclass_cli(cls, [flag, value])[1]
+                assert given == {f.name: {bool: True, int: 3, float: 0.5}.get(f.type, "x")}, (cls.__name__, flag)
+            if "_" in f.name:
+                assert "--" + f.name.replace("_", "-") in parser.format_help() and "--" + f.name not in parser.format_help()
+
+
+@pytest.mark.parametrize("argv", [["scope.py"], ["-m", "eval"], ["reproduce.py"]])
+def test_help_of_every_entry_point(argv):
+    """--help works everywhere (reproduce.py's crashed on a % in a docstring until 2026-11-30)."""
+    res = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--out-dir" in res.stdout, res.stderr[-2000:]
