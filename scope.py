@@ -13,8 +13,8 @@ Both weights are a softmax within one prompt's group and one path (eq. 4-5); the
     python scope.py --help
 
 Sections, in the order of the algorithm:
-  1. the math: fused token log-probs, group-softmax weights, SCOPE / OPD / GRPO / KD losses (pure tensor functions:
-     paste them into verl or TRL)
+  1. the math: fused token log-probs, group-softmax weights, SCOPE / OPD / GRPO / KD losses (pure tensor functions;
+     examples/trl_scope.py runs them inside TRL's GRPO trainer, examples/verl_scope.py maps them onto verl's loss)
   2. verifying answers: R_i per rollout; the answer checker itself is verifier.py (swap in your own there)
   3. rollouts and scoring: transformers generate or a colocated vLLM engine; student and teacher token log-probs
   4. the config dataclass (its field docstrings are the --help)
@@ -466,13 +466,15 @@ class LogprobHead(torch.nn.Module):
 
 
 def model_logprobs(model, targets, temperature=1.0, rows=None, **inputs):
-    """model(**inputs) with LogprobHead as its output layer: the output's .logits are (B, T) log-probs of targets."""
-    lm_head = model.get_output_embeddings()
-    model.set_output_embeddings(LogprobHead(lm_head, targets, temperature, rows))
+    """model(**inputs) with LogprobHead as its output layer: the output's .logits are (B, T) log-probs of targets.
+    A wrapper with .module (DDP) is called as it is, so that its gradient hooks run; its module gets the head."""
+    inner = getattr(model, "module", model)
+    lm_head = inner.get_output_embeddings()
+    inner.set_output_embeddings(LogprobHead(lm_head, targets, temperature, rows))
     try:
         return model(**inputs)
     finally:
-        model.set_output_embeddings(lm_head)
+        inner.set_output_embeddings(lm_head)
 
 
 def sequence_logprobs(model, batch, temperature=1.0):

@@ -52,7 +52,7 @@ def test_smoke_run_under_torchrun(micro_models, tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     md = (tmp_path / "RESULTS.md").read_text()
-    assert "+ SCOPE" in md and "torchrun --nproc_per_node=2" in md
+    assert "+ SCOPE" in md and "torchrun --nproc-per-node=2" in md
 
 
 def test_paper_preset_trains_with_the_papers_config(tmp_path):
