@@ -19,7 +19,6 @@ builds, then seeds within a build, then problems within each level.
 import argparse
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np

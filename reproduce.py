@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import scope
 import tiny_testbed
 import vllm_engine
@@ -231,7 +232,7 @@ def main(argv=None):
 
 
 def run(argv=None):
-    p, given = scope.dataclass_cli(RArgs, argv, __doc__.splitlines()[0])
+    p, given = cli.dataclass_cli(RArgs, argv, __doc__.splitlines()[0])
     a = RArgs(**given)
     try:
         check(a)

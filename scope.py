@@ -10,7 +10,6 @@ Both weights are a softmax within one prompt's group and one path (eq. 4-5); the
     python scope.py --method opd                         # baselines: opd, grpo, kd
     torchrun --nproc-per-node=2 scope.py                 # the same run on 2 processes, FSDP2 (gloo on CPU, NCCL on GPU)
     torchrun --nproc-per-node=8 scope.py --preset paper  # R1-Distill-Qwen-1.5B + Skywork-OR1-7B on DeepMath
-    python scope.py --help
 
 Sections, in the order of the algorithm:
   1. the math: fused token log-probs, group-softmax weights, SCOPE / OPD / GRPO / KD losses (pure tensor functions;
@@ -40,6 +39,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import verifier                                    # section 2: the reward R_i (verifier.py)
@@ -346,8 +346,7 @@ def kd_loss(logp, mask, counts=None):
 # LaTeX -> sympy comparison that never executes model output) and the rollout was not cut at max_new_tokens.
 # With --grader official, verifier.official_reward: the released code's exact string match (README).
 def decode_responses(tokenizer, batch):
-    """The response texts: each response up to and including its eos (dropped as a special token). Positions past the
-    mask become pad, not token 0 (in most vocabularies an ordinary token: Qwen's 0 is "!")."""
+    """The response texts, up to their eos. Past the mask: pad, a special token, not 0 (an ordinary one: Qwen's "!")."""
     ids = torch.where(batch["response_mask"].bool(), batch["response_ids"], tokenizer.pad_token_id)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -377,11 +376,9 @@ def row_seeds(*key_and_rows):
 
 
 class GumbelSampler:
-    """The last logits processor: argmax(logits + Gumbel noise) is an exact sample of softmax(logits) (Gumbel-max).
-    With seeds, row i draws its noise from its own generator seeded by (run seed, step, prompt, rollout), so a
-    rollout does not depend on the batch it shares or the rank it runs on: one process and torchrun draw identical
-    rollouts, and a resumed run redraws what the uninterrupted one drew (noise on the CPU: fine for the tiny preset).
-    Without seeds, the noise comes from torch's RNG on the logits' device."""
+    """The last logits processor: argmax(logits + Gumbel noise) is an exact sample of softmax(logits). With seeds, row
+    i's noise has its own generator seeded by (run seed, step, prompt, rollout): one process and torchrun draw the same
+    rollouts, and a resumed run redraws what the uninterrupted one drew. Without: torch's RNG on the logits' device."""
 
     def __init__(self, seeds=None):
         self.gens = None if seeds is None else [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -560,18 +557,15 @@ class Args:
     preset: str = "tiny"
     """tiny: the offline embedded default (builds its own task and models); paper: the paper's models and data"""
     method: str = "scope"
-    """scope | opd | grpo | kd | psr (positive sample reinforcement: uniform MLE on the correct rollouts only, the
-    paper's section 2.1 baseline)"""
+    """scope | opd | grpo | kd | psr (positive sample reinforcement: uniform MLE on correct rollouts, section 2.1)"""
     grader: str = "verify"
-    """training reward: verify (`reward`: the last box, is_equiv) | official (the released code's: exact string
-    match of the last box after the MATH normalisation, `official_reward`)"""
+    """training reward: verify (the last box, is_equiv) | official (the released code's MATH string match)"""
     student: str = ""
     """student model: local path or Hugging Face id; empty builds the tiny student"""
     teacher: str = ""
     """teacher model (must share the student's tokenizer): local path or Hugging Face id; empty builds the tiny teacher"""
     data: str = ""
-    """training problems: a .jsonl file or a directory of them (fields `problem`, `answer`), or a Hugging Face dataset
-    id; empty = tiny task"""
+    """training problems: .jsonl file(s) (fields problem, answer) or a Hugging Face dataset id; empty: tiny task"""
     instruction: str = ""
     """text appended to every problem in the prompt"""
     out_dir: str = "runs/scope"
@@ -595,16 +589,13 @@ class Args:
     rollout_engine: str = "hf"
     """hf: transformers generate (exact per-rollout seeds; CPU or GPU); vllm: a colocated vLLM engine per rank (GPU)"""
     vllm_gpu_memory: float = 0.3
-    """vllm engine: the fraction of the GPU its weights and KV cache may take while awake (gpu_memory_utilization; on
-    vLLM's CPU build the KV cache is a fixed 256 MiB instead)"""
+    """vllm engine: the GPU fraction for its weights and KV cache while awake (vLLM's CPU build: a 256 MiB KV cache)"""
     vllm_quantization: str = ""
-    """vllm engine: quantise its copy of the student, e.g. fp8 (vLLM's online quantisation; rollouts then come from the
-    quantised policy, and rollout/sampler_gap measures that error too); empty: none"""
+    """vllm engine: quantise its copy of the student, e.g. fp8 (rollout/sampler_gap then includes that error)"""
     max_prompt_tokens: int = 2048
     """vllm engine: longest prompt accepted (the engine's max_model_len is this + max_new_tokens)"""
     max_sampler_gap: float = 0.5
-    """stop when the mean |log pi_sampler - log pi_trainer| of the sampled tokens exceeds this (nats per token): the
-    sampler ran on stale or wrong weights (0: no check)"""
+    """stop when the mean |log pi_sampler - log pi_trainer| per sampled token exceeds this: stale weights (0: off)"""
     max_new_tokens: int = 64
     """response length limit; a response that reaches it is truncated and gets reward 0"""
     temperature: float = 1.0
@@ -616,8 +607,7 @@ class Args:
     seeded_sampling: bool = True
     """sample with per-rollout seeds (identical rollouts on any number of ranks); off: torch's RNG"""
     logprob_temperature: str = "one"
-    """one: student and teacher log-probs at T=1 (the policy pi_theta itself); sampling: student at the sampling
-    temperature, teacher at T=1 (the official code)"""
+    """one: student and teacher log-probs at T=1 (pi_theta itself); sampling: the student's at T (official code)"""
     lr: float = 3e-4
     """AdamW learning rate, constant (paper 5e-5; tiny 3e-4: 1e-3 knocks the tiny student down, 1e-4 learns slower)"""
     weight_decay: float = 0.01
@@ -625,8 +615,7 @@ class Args:
     grad_clip: float = 1.0
     """max gradient norm (0: no clipping)"""
     path_grad_norms: bool = False
-    """scope: log the gradient norms of its two paths per step (train/grad_norm_mle, train/grad_norm_opd; one extra
-    backward pass per micro-batch; one process only)"""
+    """scope: log its two paths' gradient norms (one more backward per micro-batch; one process only)"""
     tau: float = 1.0
     """SCOPE weight temperature (eq. 4-5)"""
     weight_norm: str = "sum"
@@ -656,8 +645,7 @@ class Args:
     threads: int = 1
     """torch CPU threads per process and for the tiny build (1: under load, 2 run slower; README, "thread count")"""
     dtype: str = "float32"
-    """compute dtype, float32 | bfloat16. The student's weights and AdamW state stay float32 (master weights; bf16
-    compute via FSDP2 mixed precision, or autocast in one process); teacher and reference are stored in this dtype"""
+    """compute dtype, float32 | bfloat16 (the student's weights and AdamW state stay fp32; teacher stored in it)"""
     gradient_checkpointing: bool = False
     """recompute activations in the student's backward pass (long responses on GPUs)"""
 
@@ -675,38 +663,6 @@ PRESETS = {
 }
 
 
-def field_docs(cls):
-    """{field: the docstring written under it}, read from the class source (so --help is the dataclass)."""
-    import ast
-    import inspect
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-
-
-def dataclass_cli(cls, argv=None, description=""):
-    """argparse from a config dataclass: one flag per field, its docstring as help, in both spellings (--out-dir, the
-    one --help shows, and --out_dir). A bool flag alone means true (`--resume`), or takes true/false. No abbreviations.
-    Returns (parser, the fields given on the command line)."""
-    import argparse
-
-    def boolean(v):
-        if v.lower() not in ("1", "true", "yes", "0", "false", "no"):
-            raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-        return v.lower() in ("1", "true", "yes")
-
-    docs = field_docs(cls)
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    for f in dataclasses.fields(cls):
-        kw = dict(dest=f.name, default=None, type={bool: boolean, int: int, float: float}.get(f.type, str),
-                  **(dict(nargs="?", const=True) if f.type is bool else {}))
-        help_ = f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")   # argparse formats help with %
-        p.add_argument("--" + f.name.replace("_", "-"), help=help_, **kw)
-        if "_" in f.name:
-            p.add_argument("--" + f.name, help=argparse.SUPPRESS, **kw)
-    return p, {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-
-
 def resolve(given):
     """Args from a preset plus the fields given explicitly (they win); a value no option takes is a ValueError."""
     preset = given.get("preset", "tiny")
@@ -718,9 +674,8 @@ def resolve(given):
     _check_option("dtype", args.dtype, ("float32", "bfloat16"))
     _check_option("rollout_engine", args.rollout_engine, ("hf", "vllm"))
     if args.rollout_engine == "vllm" and args.logprob_temperature == "sampling" and (args.top_k > 0 or args.top_p < 1):
-        raise ValueError("--rollout-engine vllm with --logprob-temperature sampling cannot use --top-k/--top-p: vLLM's "
-                         "processed log-probs are renormalised over the kept tokens, so pi_old would not be the "
-                         "tempered full-vocabulary policy the loss uses (use --logprob-temperature one, or the hf engine)")
+        raise ValueError("--rollout-engine vllm with --logprob-temperature sampling cannot use --top-k/--top-p: vLLM "
+                         "renormalises its log-probs over the kept tokens, not the policy the loss uses (use one)")
     for name in ("steps", "prompts_per_step", "n_rollouts", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -728,7 +683,8 @@ def resolve(given):
 
 
 def parse_args(argv=None):
-    p, given = dataclass_cli(Args, argv, "SCOPE training (one process or torchrun)")
+    import cli                                                        # the flag parser of every entry point
+    p, given = cli.dataclass_cli(Args, argv, "SCOPE training (one process or torchrun)")
     try:
         return resolve(given)
     except ValueError as e:                                           # a usage error, not a traceback
@@ -772,34 +728,31 @@ def load_model(name, what, dtype=None, device="cpu"):
     return tok
 
 
+def _problem(f, line, i=None):
+    """{problem, answer} of one .jsonl line, or a message naming the file and line."""
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise SystemExit(f"{f}:{i}: not a JSON object ({e})") from None
+    bad = [k for k in ("problem", "answer") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+    if bad:
+        raise SystemExit(f"{f}:{i}: field {bad[0]!r} is missing or not a string")
+    return {"problem": row["problem"], "answer": row["answer"]}
+
+
 class JsonlProblems:
-    """Training problems in .jsonl files (fields problem, answer), read on demand. One streaming pass checks every line
-    and keeps only its byte offset; a row is parsed again when a step uses it, and only problem and answer are kept.
-    So no rank holds other columns (DeepMath's three R1 solutions per row: about 5 GB) or the rows other ranks use."""
+    """Training problems in .jsonl files, read on demand: one pass checks every line and keeps its (file, offset); a row
+    is parsed when a step uses it. No rank holds other columns (DeepMath's R1 solutions: 5 GB) or other ranks' rows."""
 
     def __init__(self, files):
-        self.index = []                                               # (file, byte offset) per row
+        self.index = []
         for f in files:
             with open(f, "rb") as fh:
-                offset = 0
-                for i, line in enumerate(fh, 1):
-                    if line.strip():
-                        self.row(f, line, i)                          # fail now, naming the line, not at step 500
-                        self.index.append((f, offset))
-                    offset += len(line)
+                for i, line in enumerate(iter(fh.readline, b""), 1):
+                    if line.strip() and _problem(f, line, i):
+                        self.index.append((f, fh.tell() - len(line)))
         if not self.index:
             raise SystemExit(f"--data: no problems in {', '.join(map(str, files))} (empty)")
-
-    @staticmethod
-    def row(f, line, i=None):
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise SystemExit(f"{f}:{i}: not a JSON object ({e})") from None
-        bad = [k for k in ("problem", "answer") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-        if bad:
-            raise SystemExit(f"{f}:{i}: field {bad[0]!r} is missing or not a string")
-        return {"problem": row["problem"], "answer": row["answer"]}
 
     def __len__(self):
         return len(self.index)
@@ -808,7 +761,7 @@ class JsonlProblems:
         f, offset = self.index[k]
         with open(f, "rb") as fh:
             fh.seek(offset)
-            return self.row(f, fh.readline())
+            return _problem(f, fh.readline())
 
 
 def load_problems(data):
@@ -868,7 +821,6 @@ def setup(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
-    import numpy as np
     np.random.seed((args.seed + rank) % 2**32)                        # vLLM draws unseeded requests' seeds from it
     autocast = args.dtype != "float32" and not ddp                   # FSDP2 casts by itself (mixed precision)
     amp = (lambda: torch.autocast(device.type, getattr(torch, args.dtype))) if autocast else contextlib.nullcontext
@@ -909,9 +861,8 @@ def load_models(args, rt, student_name, teacher_name, ckpt):
 
 
 def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache, engine=None):
-    """Phase 1: N rollouts per prompt from the student (KD: the teacher's samples, generated once and cached), from
-    the vLLM engine in one call, or in generate calls whose KV cache fits rollout_tokens; every rank makes the same
-    number of calls (FSDP2)."""
+    """Phase 1: N rollouts per prompt from the student (KD: the teacher's, generated once), from the vLLM engine, or in
+    generate calls whose KV cache fits rollout_tokens; every rank makes the same number of calls (FSDP2)."""
     n, lp_temp = args.n_rollouts, args.temperature if args.logprob_temperature == "sampling" else 1.0
     if args.method == "kd":
         part = [j for j in my if idx[j] not in kd_cache]
@@ -1031,7 +982,6 @@ def tied_names(model):
 def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
     """Atomic: everything goes to checkpoint.tmp, which then replaces checkpoint in one rename. Model and optimizer
     state are gathered to rank 0 (full state dicts, so the directory is a plain Hugging Face model for eval)."""
-    import numpy as np
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     barrier = dist.barrier if rt.world > 1 else (lambda: None)
@@ -1072,11 +1022,11 @@ RESUMABLE = {"resume", "steps", "out_dir", "threads", "eval_every", "eval_proble
 def find_checkpoint(args, out, world):
     """The checkpoint to resume from, or None for a fresh run. Stops before anything is written on --resume with
     nothing to resume, a checkpoint of other settings or another number of ranks, or a fresh run over a checkpoint."""
-    found = [d for d in (out / "checkpoint", out / "checkpoint.old") if (d / "state.json").exists()]   # .old: a
-    if not args.resume:                                                                               # crash mid-rename
-        if found:
-            raise SystemExit(f"{out} holds an earlier run's checkpoint: --resume continues it, another --out-dir starts "
-                             "afresh (nothing was changed)")
+    found = [d for d in (out / "checkpoint", out / "checkpoint.old") if (d / "state.json").exists()]   # .old: a crash
+    if found and not args.resume:                                                                     # mid-rename
+        raise SystemExit(f"{out} holds an earlier run's checkpoint: --resume continues it, another --out-dir starts "
+                         "afresh (nothing was changed)")
+    if not args.resume:
         return None
     if not found:
         raise SystemExit(f"--resume: no checkpoint in {out} (no checkpoint/state.json); without --resume a run starts")
@@ -1104,7 +1054,6 @@ def load_tensors(path):
 def resume(ckpt, student, opt, rt, out):
     """Restore optimizer (re-sharded over this run's ranks) and RNG state; drop metric lines the checkpoint does not
     cover. The weights were loaded from the checkpoint directory. Returns the start step."""
-    import numpy as np
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     once = rt.world > 1                                               # rank 0 reads the file and broadcasts it
     osd = load_tensors(ckpt / "optimizer.pt") if rt.rank == 0 or not once else {}
@@ -1146,18 +1095,16 @@ def train(args):
     out = Path(args.out_dir)
     ckpt = find_checkpoint(args, out, rt.world)                       # bad input stops here: nothing written yet
     tokenizer, student, teacher, ref, opt = load_models(args, rt, student_name, teacher_name, ckpt)
+    start = resume(ckpt, student, opt, rt, out) if ckpt else 0
     if rt.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-    start = resume(ckpt, student, opt, rt, out) if ckpt else 0
+        (out / "metrics.jsonl").open("a" if ckpt else "w").close()
+    say(f"resumed from {ckpt} at step {start}" if ckpt else f"training from step 0 into {out}")
     engine = None
     if args.rollout_engine == "vllm" and args.method != "kd":           # vllm_engine.py: imports vllm
         import vllm_engine
         engine = vllm_engine.VLLMRollouts(args, student_name)
-    if ckpt:
-        say(f"resumed from {ckpt} at step {start}")
-    elif rt.rank == 0:
-        (out / "metrics.jsonl").write_text("")
     kd_cache = {}
     n = args.n_rollouts if args.method != "kd" else args.kd_samples
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, disable=rt.rank != 0)
@@ -1207,9 +1154,8 @@ def log_step(step, record, batch, t, device):
 
 
 def memory_plan(args, s, t, world, gpu_gib=0.0):
-    """Estimated GiB per rank, from the model configs s (student) and t (teacher): what stays resident plus the
-    largest phase (README: memory plan); the vLLM engine takes vllm_gpu_memory of a gpu_gib GPU (0: of 80 GiB, and
-    no verdict) while it is awake. -> (table text, peak GiB)."""
+    """Estimated GiB per rank from the model configs s (student), t (teacher): resident + the largest phase (README);
+    the vLLM engine takes vllm_gpu_memory of a gpu_gib GPU (0: of 80 GiB, no verdict). -> (table text, peak GiB)."""
     def params(c):                                                    # decoder-only transformer, biases ignored
         kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
         layer = c.hidden_size * (2 * c.hidden_size + 2 * kv) + 3 * c.hidden_size * c.intermediate_size

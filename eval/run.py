@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+import cli
 import scope
 import verifier
 import vllm_engine
@@ -280,7 +281,7 @@ def table(results):
 
 
 def main(argv=None):
-    p, given = scope.dataclass_cli(EvalArgs, argv, "Avg@k / Pass@k on the math benchmarks")
+    p, given = cli.dataclass_cli(EvalArgs, argv, "Avg@k / Pass@k on the math benchmarks")
     args = EvalArgs(**given)
     if not args.model:
         p.error("--model is required")

@@ -13,7 +13,7 @@ import torch
 import scope
 import tiny_testbed
 from conftest import ROOT
-from test_train import run_args
+from test_train import one_process, run_args
 
 sys.path.insert(0, str(ROOT / "examples"))
 import trl_scope  # noqa: E402  (needs trl: a missing trl fails here, it is not skipped)
@@ -66,10 +66,7 @@ def test_the_examples_loss_and_gradient_equal_scope_pys_loop(micro_models, tmp_p
     batch.update(rewards=rewards, groups=groups, logp_sampler=out["logp_old"])     # pi_old, eq. 4
     copy = scope.load_model(micro_models[0], "student", "float32").to(torch.float64)
     args = run_args(micro_models, tmp_path, n_rollouts=4, micro_batch_tokens=150, grad_clip=1e9)
-    import contextlib
-    import types
-    rt = types.SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), fsdp=False, amp=contextlib.nullcontext)
-    noop = types.SimpleNamespace(zero_grad=lambda set_to_none: None, step=lambda: None)
+    rt, noop = one_process()
     record = scope.update_student(args, rt, copy, noop, batch, out["logp_teacher"], None)
     assert len(scope.micro_batches(scope.trim(batch), 150)) > 2         # scope.py split the batch; TRL did not
     assert math.isclose(float(loss), record["loss"], rel_tol=1e-6), (float(loss), record["loss"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import reproduce
+import cli as flags
 import scope
 from conftest import ROOT
 from eval import run as eval_run
@@ -139,18 +140,19 @@ def test_every_flag_takes_both_spellings():
     """--out-dir and --out_dir (and so for every field) on every entry point; --help shows the hyphen spelling only."""
     import dataclasses
     for cls in (scope.Args, eval_run.EvalArgs, reproduce.RArgs):
-        parser = scope.dataclass_cli(cls, [])[0]
+        parser = flags.dataclass_cli(cls, [])[0]
         for f in dataclasses.fields(cls):
             value = {bool: "true", int: "3", float: "0.5"}.get(f.type, "x")
             for flag in ("--" + f.name, "--" + f.name.replace("_", "-")):
-                given = scope.dataclass_cli(cls, [flag, value])[1]
+                given = flags.dataclass_cli(cls, [flag, value])[1]
                 assert given == {f.name: {bool: True, int: 3, float: 0.5}.get(f.type, "x")}, (cls.__name__, flag)
             if "_" in f.name:
                 assert "--" + f.name.replace("_", "-") in parser.format_help() and "--" + f.name not in parser.format_help()
 
 
-@pytest.mark.parametrize("argv", [["scope.py"], ["-m", "eval"], ["reproduce.py"]])
-def test_help_of_every_entry_point(argv):
+@pytest.mark.parametrize("argv,flag", [(["scope.py"], "--out-dir"), (["-m", "eval"], "--data-dir"),
+                                       (["reproduce.py"], "--results-md")])
+def test_help_of_every_entry_point(argv, flag):
     """--help works everywhere (reproduce.py's crashed on a % in a docstring until 2026-11-30)."""
     res = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "--out-dir" in res.stdout, res.stderr[-2000:]
+    assert res.returncode == 0 and flag in res.stdout, res.stderr[-2000:]

@@ -65,7 +65,10 @@ def test_paper_preset_trains_with_the_papers_config(tmp_path):
         assert (t.student, t.teacher) == ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Skywork/Skywork-OR1-7B")
         assert t.method == run and t.data == "zwhe99/DeepMath-103K" and t.lr == 5e-5 and t.weight_decay == 0.01
         assert (t.prompts_per_step, t.n_rollouts, t.temperature, t.max_new_tokens) == (256, 8, 0.6, 12288)
-        assert t.dtype == "bfloat16" and t.gradient_checkpointing and t.resume
+        assert t.dtype == "bfloat16" and t.gradient_checkpointing and not t.resume      # nothing to resume yet
+    (tmp_path / "runs" / "scope-s0" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "runs" / "scope-s0" / "checkpoint" / "state.json").write_text("{}")
+    assert reproduce.train_args(a, "scope", 0, tmp_path, train_over).resume          # a killed run continues
     assert ev["preset"] == "paper" and names == benchmarks.PAPER_BENCHMARKS
     tiny = reproduce.train_args(reproduce.RArgs(), "scope", 0, tmp_path, reproduce.preset_settings(reproduce.RArgs())[0])
     assert tiny.student == "" and tiny.lr == 3e-4 and tiny.dtype == "float32"          # the default is tiny

