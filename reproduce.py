@@ -547,9 +547,13 @@ def pct(r, signed=True):
     return f"{f.format(100 * r[0])} [{f.format(100 * r[1])}, {f.format(100 * r[2])}]"
 
 
+# (run a, run b, label, and optionally a pair (c, d) whose difference is subtracted: (a - b) - (c - d))
 COMPARISONS = [("scope", "opd", "SCOPE - OPD"), ("scope-no_teacher_w", "scope", "teacher weight uniform - SCOPE"),
                ("scope-no_student_w", "scope", "student weight uniform - SCOPE"),
-               ("scope-noclip", "opd-noclip", "SCOPE - OPD, no gradient clipping")]
+               ("scope-noclip", "opd-noclip", "SCOPE - OPD, no gradient clipping"),
+               ("scope-noclip", "opd-noclip", "change of SCOPE - OPD when clipping is removed", ("scope", "opd")),
+               ("scope-noclip", "scope", "SCOPE without clipping - SCOPE"),
+               ("opd-noclip", "opd", "OPD without clipping - OPD")]
 
 
 def study_comparisons(builds, bench_names):
@@ -557,17 +561,20 @@ def study_comparisons(builds, bench_names):
     builds (hierarchical bootstrap: builds, then seeds, then problems)."""
     import analysis
     table = {}
-    for a_run, b_run, label in COMPARISONS:
+    for a_run, b_run, label, *minus in COMPARISONS:
         row, mats = {}, []
         for b, d in builds.items():
             res = load_results(d)
-            seeds = sorted(set(res.get(a_run, {})) & set(res.get(b_run, {})))
+            seeds = sorted(set.intersection(*(set(res.get(r, {})) for r in (a_run, b_run, *sum(minus, ())))))
             if not seeds:
                 continue
             n = next(iter(res[a_run].values()))["config"]["n"]
             m = diffs(d, a_run, b_run, seeds, bench_names, n)
-            if m is None:
+            m2 = diffs(d, *minus[0], seeds, bench_names, n) if minus and m is not None else None
+            if m is None or (minus and (m2 is None or m2[0] != m[0])):
                 continue
+            if minus:                                                  # paired per seed and problem, like the rest
+                m = (m[0], m[1] - m2[1])
             row[b] = (*analysis.hierarchical([m], bench_names), len(seeds))
             mats.append(m)
         if len(mats) > 1 and all(m[0] == mats[0][0] for m in mats):
@@ -611,8 +618,8 @@ def study_report(out, bench_names, md_dir):
     lines = ["## What this testbed says (answers from the files below)", ""]
     for reg, builds in regimes.items():
         lines.append(f"- **Regime `{reg}`** ({len(builds)} build{'s' if len(builds) > 1 else ''}"
-                     + (", the premise holds here by construction: its teacher saw 2% of the add5 problems, so it is "
-                        "unsure exactly where it is unreliable" if reg == "weak-add5" else "") + ")")
+                     + (", where the premise holds by construction: its teacher saw 2% of the add5 problems, so it is "
+                        "unsure exactly where it is unreliable; the line below measures how far it holds" if reg == "weak-add5" else "") + ")")
         prem = {b: r for b, r in recs[reg].items() if r}
         if prem:
             lines.append("  - Premise, per cut (pooled quartiles): " + "; ".join(
@@ -628,6 +635,7 @@ def study_report(out, bench_names, md_dir):
                             if pooled else "")
                          + (". The builds agree." if len(signs) == 1 and len(per) > 1 else
                             ". **The verdict depends on the build.**" if len(per) > 1 else "."))
+        lines += clipping_answer(comps[reg])
     lines += ["", "## The study over independently built testbeds", "",
               "A build is one teacher/student pair from the same recipe (tiny_testbed.py), seeded by the build seed "
               "(initialisation, SFT data and order); one build's verdict is one draw of the testbed. Differences are "
@@ -694,6 +702,24 @@ def study_report(out, bench_names, md_dir):
                          for b, p in plots_ if p.exists()] + [""]
     lines += relation_section(regimes, recs, comps)
     return lines
+
+
+def clipping_answer(comps):
+    """Does removing gradient clipping change the SCOPE - OPD verdict? One line per build that has the no-clip arm."""
+    on, off = comps.get("SCOPE - OPD", {}), comps.get("SCOPE - OPD, no gradient clipping", {})
+    change = comps.get("change of SCOPE - OPD when clipping is removed", {})
+    out = []
+    for b in [b for b in off if b != "pooled" and b in on and b in change]:
+        same = separated(on[b]) == separated(off[b])
+        moved = separated(change[b]) != "not separated from 0"
+        out.append(f"  - Does the SCOPE - OPD verdict change without gradient clipping? Build {b}: with clipping "
+                   f"{on[b][0]:+.1f} ({separated(on[b])}), without {off[b][0]:+.1f} ({separated(off[b])}); the change "
+                   f"{change[b][0]:+.1f} [{change[b][1]:+.1f}, {change[b][2]:+.1f}] is {separated(change[b])}. "
+                   + ("**Yes**: removing clipping moves SCOPE - OPD measurably." if moved else
+                      "**No**: the verdict is the same." if same else
+                      "**Not measurably**: the verdict's label moves, but the change itself is not separated from 0, "
+                      "so clipping does not explain SCOPE - OPD here."))
+    return out
 
 
 def relation_section(regimes, recs, comps):

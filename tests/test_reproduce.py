@@ -193,3 +193,28 @@ def test_paired_bootstrap_finds_a_planted_difference(tmp_path):
     assert reproduce.paired(tmp_path, "c", "b", list(range(5)), ["x"], 2)[:3] == (0.0, 0.0, 0.0)
     d, lo, hi, se = reproduce.paired(tmp_path, "a", "b", list(range(5)), ["x"], 2)
     assert abs(d - 100 * sum(planted) / len(planted)) < 1e-9 and 0 < lo <= d <= hi and se > 0
+
+
+def test_clipping_arm_difference_of_differences_and_its_answer(tmp_path):
+    """study_comparisons' 'change of SCOPE - OPD when clipping is removed' is (scope-noclip - opd-noclip) - (scope -
+    opd), paired by seed and problem: planted runs where SCOPE ties OPD with clipping and wins by 2 of 4 samples on
+    every 2nd problem without it give +25 points exactly, and the answer line says the verdict moved."""
+    import json
+    import random
+    build = tmp_path / "study" / "default" / "build0"
+    rng = random.Random(0)
+    for seed in (0, 1, 2):
+        base = {str(pid): rng.randint(0, 2) for pid in range(60)}
+        counts = {"scope": base, "opd": base, "opd-noclip": base,
+                  "scope-noclip": {p: c + 2 * (int(p) % 2 == 0) for p, c in base.items()}}
+        for run, c in counts.items():
+            ev = build / "runs" / f"{run}-s{seed}" / "eval"
+            ev.mkdir(parents=True)
+            (ev / "per_problem.json").write_text(json.dumps({"x": c}))
+            (ev / "results.json").write_text(json.dumps({"config": {"n": 4}}))
+    comps = reproduce.study_comparisons({0: build}, ["x"])
+    change = comps["change of SCOPE - OPD when clipping is removed"][0]
+    assert change[0] == pytest.approx(25.0) and change[1] > 0
+    assert comps["SCOPE - OPD"][0][:3] == (0.0, 0.0, 0.0)
+    (line,) = reproduce.clipping_answer(comps)
+    assert "with clipping +0.0 (not separated from 0), without +25.0 (above 0)" in line and "**Yes**" in line
