@@ -260,7 +260,10 @@ def test_reproduce_under_torchrun_with_the_vllm_engine(micro_models, tmp_path):
                           str(tmp_path / "results"), "--results-md", str(tmp_path / "RESULTS.md"), "--methods",
                           "opd,scope", "--ablations", "--ablation-runs", "scope-official", "--preset", "tiny",
                           "--rollout-engine", "vllm"],
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+                         # the engines are counted from vLLM's INFO log; importing trl (tests/test_examples.py, same
+                         # pytest process) sets VLLM_LOGGING_LEVEL=ERROR in os.environ, which would hide it
+                         env=dict(os.environ, OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="INFO"), capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stdout + res.stderr
     assert log.count("Initializing a V1 LLM engine") == 4, "2 ranks x 2 engines (one reused by scope)"
