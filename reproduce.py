@@ -561,20 +561,21 @@ def study_comparisons(builds, bench_names):
     builds (hierarchical bootstrap: builds, then seeds, then problems)."""
     import analysis
     table = {}
-    for a_run, b_run, label, *minus in COMPARISONS:
+    for a_run, b_run, label, *rest in COMPARISONS:
+        minus = rest[0] if rest else ()                                  # (c, d) of (a - b) - (c - d), or none
         row, mats = {}, []
         for b, d in builds.items():
             res = load_results(d)
-            seeds = sorted(set.intersection(*(set(res.get(r, {})) for r in (a_run, b_run, *sum(minus, ())))))
+            seeds = sorted(set.intersection(*(set(res.get(r, {})) for r in (a_run, b_run, *minus))))
             if not seeds:
                 continue
             n = next(iter(res[a_run].values()))["config"]["n"]
             m = diffs(d, a_run, b_run, seeds, bench_names, n)
-            m2 = diffs(d, *minus[0], seeds, bench_names, n) if minus and m is not None else None
-            if m is None or (minus and (m2 is None or m2[0] != m[0])):
+            if m is not None and minus:                                  # paired per seed and problem, like the rest
+                m2 = diffs(d, *minus, seeds, bench_names, n)
+                m = (m[0], m[1] - m2[1]) if m2 is not None and m2[0] == m[0] else None
+            if m is None:
                 continue
-            if minus:                                                  # paired per seed and problem, like the rest
-                m = (m[0], m[1] - m2[1])
             row[b] = (*analysis.hierarchical([m], bench_names), len(seeds))
             mats.append(m)
         if len(mats) > 1 and all(m[0] == mats[0][0] for m in mats):
