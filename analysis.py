@@ -234,12 +234,6 @@ def within_md(result):
 # ----------------------------------------------------------------------------------------------------
 # the study: paired differences over builds, seeds and problems
 # ----------------------------------------------------------------------------------------------------
-def diff_matrix(per_problem_a, per_problem_b):
-    """{(benchmark, problem): fraction correct} of two runs -> (keys, differences a - b)."""
-    keys = sorted(per_problem_a)
-    return keys, np.array([per_problem_a[k] - per_problem_b[k] for k in keys])
-
-
 def hierarchical(builds, bench_names, reps=2000, seed=0):
     """builds: [(seeds, problems) array of a - b differences, same problem keys in every build] with `keys`.
     -> (difference, 95% low, high, standard error), in points of macro Avg (mean over levels, then over builds, seeds
