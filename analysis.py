@@ -73,7 +73,7 @@ def recovery(student_dir, teacher_dir, out, problems=192, samples=8, completions
     """Run the error-recovery analysis; writes out/recovery.json and out/recovery.png and returns the dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = scope.load_model(student_dir, "student")
+    tok = scope.load_tokenizer(student_dir, "student")
     student = scope.load_model(student_dir, "student", "float32").eval()
     teacher = scope.load_model(teacher_dir, "teacher", "float32").eval()
     rows = tiny_testbed.tiny_task("train", problems, seed=seed)

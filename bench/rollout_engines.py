@@ -27,7 +27,7 @@ def main():
     torch.set_num_threads(a.threads)
     args = scope.Args(rollout_engine="vllm", threads=a.threads)
     student, _ = tiny_testbed.build_tiny_models(args.cache_dir, threads=a.threads)
-    tok = scope.load_model(str(student), "student")
+    tok = scope.load_tokenizer(str(student), "student")
     model = scope.load_model(str(student), "student", "float32")
     rows = tiny_testbed.tiny_task("train", 20000, args.seed)
     t0 = time.time()

@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 import scope  # noqa: E402
 import verifier  # noqa: E402
+import runtime  # noqa: E402
 import tiny_testbed  # noqa: E402
 
 
@@ -21,13 +22,13 @@ def main():
     t0 = time.time()
     student_dir, teacher_dir = tiny_testbed.build_tiny_models(args.cache_dir)
     print(f"models: {student_dir.parent} (build or cache lookup took {time.time() - t0:.0f}s)")
-    tok = scope.load_model(str(student_dir), "student")
+    tok = scope.load_tokenizer(str(student_dir), "student")
     test = tiny_testbed.tiny_task("test", 256, seed=0)
     print("| model | params | " + " | ".join(f"{lv} avg@4" for lv in tiny_testbed.TINY_LEVELS) + " | all avg@4 | all pass@4 |")
     print("|---" * (len(tiny_testbed.TINY_LEVELS) + 4) + "|")
     for name, d in (("teacher", teacher_dir), ("student", student_dir)):
         model = scope.load_model(str(d), name, "float32")
-        m = tiny_testbed.evaluate(model, tok, test, 4, args, ("bench", name))
+        m = scope.evaluate(model, tok, test, 4, args, ("bench", name), runtime.single_process())
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"| {name} | {params:.2f}M | " + " | ".join(f"{100 * m[f'eval/{lv}/avg@4']:.1f}" for lv in tiny_testbed.TINY_LEVELS)
               + f" | {100 * m['eval/all/avg@4']:.1f} | {100 * m['eval/all/pass@4']:.1f} |")

@@ -8,7 +8,7 @@ the same cases when it is importable (a developer's comparison, not a dependency
 Each case is judged as the evaluation judges a response: eval.extract.evaluation_answer(pred) finds the final answer (the
 last box, else "final answer is ...", else the last math span, else the last number), and verifier.is_equiv compares
 it with the gold answer (its own box / $...$ removed). Accuracy is against the project's label (`label`, which
-equals the upstream label except where README, "verifier policy", says otherwise); the upstream-label figures are
+equals the upstream label except where docs/verifier.md says otherwise); the upstream-label figures are
 printed too.
 """
 import argparse

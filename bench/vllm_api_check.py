@@ -7,7 +7,7 @@ wheel, or an installed vllm package.
     python bench/vllm_api_check.py --installed           # the vllm this Python imports (CI: the CPU build, a test)
 
 USES lists what vllm_engine.py and eval/run.py's VLLMBackend call (a test keeps the list in step with the code). The
-CPU build runs these calls in CI; the GPU wheel (~340 MB) is checked by hand, output recorded in the README.
+CPU build runs these calls in CI; the GPU wheel (~340 MB) is checked by hand, output recorded in docs/evaluation.md.
 """
 import argparse
 import ast

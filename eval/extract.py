@@ -1,4 +1,4 @@
-"""Evaluation's answer extraction (README, "verifier policy"): finding the final answer of a response that may not
+"""Evaluation's answer extraction (docs/verifier.md): finding the final answer of a response that may not
 box it, the way community evaluation harnesses do. The equality test itself is verifier.is_equiv, the same one the
 training reward uses; training reads only the last box (verifier.reward).
 """
@@ -53,7 +53,7 @@ def _after_cue(rest):
 
 
 def evaluation_answer(text):
-    """The final answer of a response, found the way community evaluation harnesses do (README: verifier policy):
+    """The final answer of a response, found the way community evaluation harnesses do (docs/verifier.md):
     1. the last \\boxed{} / \\fbox{} / \\framebox{};  2. a short response with no prose is the answer itself;
     3. a dataset's answer marker: GSM8K's "#### 21" or "A: 21" line, PRM800K's "# Answer" line (the next line);
     4. the first sentence after the last "answer is" / "answer:" (its closing math span, or what follows its last

@@ -25,7 +25,7 @@ class EvalArgs:
     model: str = ""
     """model to evaluate: local path or Hugging Face id"""
     preset: str = "paper"
-    """paper: SCOPE_SPEC.md section 8 sampling (n 32, T 0.6, top-p 0.95, top-k 20, 32768 tokens); tiny: small values"""
+    """paper: the paper's sampling (docs/method.md) (n 32, T 0.6, top-p 0.95, top-k 20, 32768 tokens); tiny: small values"""
     benchmarks: str = ""
     """comma-separated names (math500, aime24, aime25, amc23, minerva, olympiadbench, tiny); empty = the preset's"""
     n: int = 0
@@ -96,7 +96,7 @@ class HFBackend:
 
     def __init__(self, args):
         self.args = args
-        self.tokenizer = scope.load_model(args.model, "model")
+        self.tokenizer = scope.load_tokenizer(args.model, "model")
         self.model = scope.load_model(args.model, "model", args.dtype, _device())
 
     def __call__(self, bench, rows, n):
@@ -118,7 +118,7 @@ class VLLMBackend:
     def __init__(self, args, rows, world=1):
         from transformers import AutoConfig
         vllm_engine.import_vllm()                                           # a clear error first when vllm is missing
-        self.tokenizer = scope.load_model(args.model, "model")
+        self.tokenizer = scope.load_tokenizer(args.model, "model")
         longest = max(len(prompt_ids(self.tokenizer, r, args.instruction)) for r in rows)   # every prompt it will see
         limit = AutoConfig.from_pretrained(args.model).max_position_embeddings
         if longest + args.max_tokens > limit:

@@ -101,7 +101,7 @@ def load_data(args):
         import tiny_testbed
         student, teacher = map(str, tiny_testbed.build_tiny_models(".cache/scope"))
         rows = tiny_testbed.tiny_task("train", 20000, args.seed)
-    tok = scope.load_model(student, "student")
+    tok = scope.load_tokenizer(student, "student")
     messages = [[{"role": "user", "content": r["problem"] + (" " + args.instruction if args.instruction else "")}]
                 for r in rows]
     dtype = "bfloat16" if args.bf16 else "float32"

@@ -10,7 +10,7 @@ as the released SCOPE fork does (its ray_trainer computes the weights, its actor
 
 The REINFORCE gradient of -A * rho with these advantages, summed over tokens and averaged over sequences
 ("seq-mean-token-sum"), is the gradient of scope.scope_loss (eq. 6, agg="paper") at theta = theta_old: tested
-(tests/test_trl.py) without verl. Not run inside verl: verl 0.9.1 requires transformers<5.11, and this project pins
+(tests/test_examples.py) without verl. Not run inside verl: verl 0.9.1 requires transformers<5.11, and this project pins
 5.19.0, so the two do not install together here.
 """
 import sys

@@ -32,7 +32,7 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
 
 @pytest.mark.parametrize("path,cls", [("eval/run.py", "VLLMBackend"), ("vllm_engine.py", None)])
 def test_vllm_api_check_lists_every_vllm_name_the_code_uses(path, cls):
-    """bench/vllm_api_check.py checks USES against vLLM's source (README); this keeps USES in step with the code:
+    """bench/vllm_api_check.py checks USES against vLLM's source (docs/evaluation.md); this keeps USES in step with the code:
     every keyword passed to LLM(...) / SamplingParams(...), every method called on the engine and every attribute
     read from its outputs in vllm_engine.py and eval's VLLMBackend is in USES."""
     import ast

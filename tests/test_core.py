@@ -1,4 +1,4 @@
-"""Property tests of the math section of scope.py against SCOPE_SPEC.md section 5."""
+"""Property tests of the math section of scope.py against the paper's equations (docs/method.md)."""
 
 import math
 
@@ -340,7 +340,7 @@ def test_grpo_clip_and_kl():
     loss, m = scope.grpo_loss(logp, logp_old, logp_old, mask, torch.tensor([1.0]), kl_coef=0.0)
     loss.backward()
     # advantage > 0: the high ratio is clipped (no gradient), the low one is not
-    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0 and m["train/clip_frac"] == 1.0
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0 and m["train/ratio_clip_frac"] == 1.0
     _, m = scope.grpo_loss(logp.detach(), logp_old, logp_old, mask, torch.tensor([1.0]))
     r = torch.tensor([-0.5, 0.5])
     assert abs(m["kl/ref_k3"] - float((torch.exp(r) - r - 1).mean())) < 1e-6

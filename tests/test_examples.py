@@ -22,7 +22,7 @@ import trl_scope  # noqa: E402  (needs trl: a missing trl fails here, it is not 
 def trainer_for(micro_models, tmp_path, dtype=torch.float64, **over):
     from trl import GRPOConfig
     student_dir, teacher_dir = micro_models
-    tok = scope.load_model(student_dir, "student")
+    tok = scope.load_tokenizer(student_dir, "student")
     student = scope.load_model(student_dir, "student", "float32").to(dtype)
     teacher = scope.load_model(teacher_dir, "teacher", "float32").to(dtype)
     rows = tiny_testbed.tiny_task("train", 64, seed=0)

@@ -1,4 +1,4 @@
-"""The edges a user meets: every row of the README's bad-input table on scope.py, `python -m eval` and reproduce.py
+"""The edges a user meets: every row of docs/training.md's bad-input table on scope.py, `python -m eval` and reproduce.py
 (a clear message naming the field, file or value, no traceback, nothing already written lost), checkpoint files that
 could run code, and both flag spellings on every entry point."""
 
@@ -112,11 +112,11 @@ def test_a_checkpoint_that_would_run_code_is_refused(micro_models, tmp_path):
 
 def test_a_tokenizer_without_a_chat_template_is_named(micro_models, tmp_path):
     student, _ = micro_models
-    tok = scope.load_model(student, "student")
+    tok = scope.load_tokenizer(student, "student")
     tok.chat_template = None
     tok.save_pretrained(tmp_path / "tok")
     with pytest.raises(SystemExit, match="tokenizer .* has no chat template"):
-        scope.load_model(str(tmp_path / "tok"), "student")
+        scope.load_tokenizer(str(tmp_path / "tok"), "student")
 
 
 def test_prompts_per_step_not_divisible_by_the_ranks(micro_models, tmp_path):

@@ -115,7 +115,7 @@ def test_study_over_builds_recovery_and_report_at_smoke_size(micro_models, tmp_p
         assert len(items) == r["incorrect_scored"] and all(len(it["recovery"]) == 4 for it in items)
         assert (study / f"build{b}" / "RESULTS.md").exists()                  # each build a complete directory
         recs = [json.loads(line) for line in (study / f"build{b}" / "runs" / "scope-s0" / "metrics.jsonl").open()]
-        assert all(r["train/grad_norm_mle"] > 0 and "train/clipped" in r for r in recs)
+        assert all(r["train/grad_norm_mle"] > 0 and "train/grad_clipped" in r for r in recs)
     (tmp_path / "results" / "runs" / "base-s0" / "eval").mkdir(parents=True)                # a main table beside it
     (tmp_path / "results" / "runs" / "base-s0" / "eval" / "results.json").write_text(
         (study / "build0" / "runs" / "base-s0" / "eval" / "results.json").read_text())

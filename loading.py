@@ -1,0 +1,139 @@
+"""Loading for scope.py's loop: the models (student, teacher, GRPO reference) and the training problems, each with a
+clear error naming what could not be read. Engineering beside the method (docs/training.md).
+"""
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from runtime import shard
+
+
+def load_tokenizer(name, what):
+    """The tokenizer of a model directory or hub id. One saved as a generic tokenizer (the tiny one) loads as one:
+    transformers 5's AutoTokenizer would pick the class of config.json's model_type (Qwen2Tokenizer), whose byte-level
+    pipeline drops the tiny tokenizer's spaces. what: "student" or "teacher", for the messages."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    cfg = Path(name) / "tokenizer_config.json"
+    generic = cfg.exists() and json.loads(cfg.read_text()).get("tokenizer_class") in ("TokenizersBackend",
+                                                                                     "PreTrainedTokenizerFast")
+    with _reachable(name, what):
+        tok = (PreTrainedTokenizerFast if generic else AutoTokenizer).from_pretrained(name)
+    if not tok.chat_template:                                         # prompt_text builds every prompt with it
+        raise SystemExit(f"the {what} tokenizer {name!r} has no chat template: prompts are the problem in the model's "
+                         "chat template (docs/method.md); save one with the tokenizer")
+    if tok.pad_token is None:                                         # common for base models; the masks, not the
+        tok.pad_token = tok.eos_token                                 # pad id, mark what is real
+    return tok
+
+
+def load_model(name, what, dtype="float32", device="cpu"):
+    """A causal LM in `dtype` on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+    with _reachable(name, what):
+        return AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype)).to(device).eval()
+
+
+@contextlib.contextmanager
+def _reachable(name, what):
+    try:
+        yield
+    except OSError as e:
+        raise SystemExit(f"cannot load the {what} model {name!r}: {e}\nOffline? Download it elsewhere and pass a "
+                         f"local path with --{what}.") from None
+
+
+def load_models(args, rt, student_name, teacher_name, ckpt, teacher=True, reference=False):
+    """(tokenizer, student, teacher or None, GRPO reference or None, optimizer). The student loads in fp32 (from the
+    checkpoint when resuming), the teacher and reference in the compute dtype; FSDP2 shards the student under torchrun."""
+    tokenizer = load_tokenizer(student_name, "student")
+    student = load_model(str(ckpt) if ckpt else student_name, "student", "float32", rt.device)
+    teacher = load_model(teacher_name, "teacher", args.dtype, rt.device) if teacher else None
+    if teacher is not None and load_tokenizer(teacher_name, "teacher").get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"student {student_name} and teacher {teacher_name} do not share a tokenizer: the "
+                         "teacher must score the student's own token ids")
+    ref = None
+    if reference:                                                     # the reference is the initial policy
+        ref = load_model(student_name, "student", args.dtype, rt.device) if ckpt else copy.deepcopy(student).to(
+            getattr(torch, args.dtype)).eval()
+    if args.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    if rt.fsdp:
+        student = shard(student, args.dtype)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return tokenizer, student, teacher, ref, opt
+
+
+def _problem(f, line, i=None):
+    """{problem, answer} of one .jsonl line, or a message naming the file and line."""
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise SystemExit(f"{f}:{i}: not a JSON object ({e})") from None
+    bad = [k for k in ("problem", "answer") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+    if bad:
+        raise SystemExit(f"{f}:{i}: field {bad[0]!r} is missing or not a string")
+    return {"problem": row["problem"], "answer": row["answer"]}
+
+
+class JsonlProblems:
+    """Training problems in .jsonl files, read on demand: one pass checks every line and keeps its (file, offset); a row
+    is parsed when a step uses it. No rank holds other columns (DeepMath's R1 solutions: 5 GB) or other ranks' rows."""
+
+    def __init__(self, files):
+        self.index = []
+        for f in files:
+            with open(f, "rb") as fh:
+                for i, line in enumerate(iter(fh.readline, b""), 1):
+                    if line.strip() and _problem(f, line, i):
+                        self.index.append((f, fh.tell() - len(line)))
+        if not self.index:
+            raise SystemExit(f"--data: no problems in {', '.join(map(str, files))} (empty)")
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        f, offset = self.index[k]
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            return _problem(f, fh.readline())
+
+
+def load_problems(data):
+    """Training problems from a .jsonl file, a directory of .jsonl files (fields problem, answer), or a Hugging Face
+    dataset id (DeepMath's question, final_answer, or problem, answer), read only as a step needs them."""
+    path = Path(data)
+    if path.is_dir() or path.suffix == ".jsonl":
+        files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+        if not files or not all(f.is_file() for f in files):
+            raise SystemExit(f"--data {data}: {'no .jsonl file in this directory' if path.is_dir() else 'no such file'}")
+        return JsonlProblems(files)
+    if path.exists():
+        raise SystemExit(f"--data {data}: expected a .jsonl file or a directory of them")
+    try:
+        import datasets
+        for cols in (("question", "final_answer"), ("problem", "answer")):   # parquet: only these columns are read
+            with contextlib.suppress(ValueError, KeyError):
+                ds = datasets.load_dataset(data, split="train", columns=list(cols))
+                break
+        else:
+            raise ValueError("it has neither question/final_answer nor problem/answer columns")
+    except Exception as e:  # ImportError, no network, other columns
+        raise SystemExit(f"cannot load training data {data!r} ({type(e).__name__}: {e}). Offline? Pass a local "
+                         f"JSONL with 'problem' and 'answer' fields, e.g. --data ../shared/benchmarks/"
+                         f"deepmath_train_sample.jsonl") from None
+    ds = ds.rename_columns(dict(zip(cols, ("problem", "answer"))))
+    return ds.cast_column("answer", datasets.Value("string"))         # memory-mapped Arrow: rows read on demand
+
+
+def step_prompts(step, n_rows, per_step, seed):
+    """Global prompt indices of a step: epoch-wise permutations of the data, so step s is known without state."""
+    out = []
+    for j in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(j, n_rows)
+        out.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))[pos].item())
+    return out
