@@ -1,16 +1,61 @@
-"""Checkpoints and resume for scope.py's loop: atomic saves, a resume that continues the uninterrupted run bit for bit,
-and files that cannot run code when loaded. Engineering beside the method (docs/training.md, "Checkpoints").
+"""Checkpoints and resume for scope.py's loop: one run per output directory, atomic saves, a resume that continues
+the uninterrupted run bit for bit, and files that cannot run code when loaded. Engineering beside the method
+(docs/training.md, "Checkpoints").
 """
 
 import dataclasses
+import fcntl
 import json
+import os
 import random
 import shutil
 
 import numpy as np
 import torch
 
-from runtime import tied_names
+from runtime import all_reduce, tied_names
+
+
+class OutDirLock:
+    """One run per output directory: rank 0 holds an flock on the directory itself for the whole run (no lock file:
+    the kernel drops it when the process dies, even on kill -9, so nothing stale is ever left). A second run, or
+    another torchrun group, pointed at a directory a live run holds stops at once on every rank, naming the pid that
+    holds it (read from /proc/locks). A directory this run created and left empty is removed on release."""
+
+    def __init__(self, out, rt):
+        self.out, self.fd, self.created, holder = out, None, False, None
+        if rt.rank == 0:
+            self.created = not out.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(out, os.O_RDONLY)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock_holder(out) or "another process"
+                self.release()
+        if all_reduce([holder is not None], rt.device, "max")[0]:       # every rank of this run stops
+            raise SystemExit(f"{out} is in use by a live run (pid {holder}): one run per --out-dir; wait for it, or "
+                             "choose another" if rt.rank == 0 else f"{out} is in use by a live run (see rank 0)")
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            if self.created and not any(self.out.iterdir()):
+                self.out.rmdir()
+
+
+def lock_holder(path):
+    """The pid holding an flock on path, from /proc/locks (Linux), or None."""
+    st = os.stat(path)
+    with open("/proc/locks") as f:
+        for line in f:
+            parts = line.split()
+            dev = parts[5].split(":") if len(parts) > 5 and parts[1] == "FLOCK" else []
+            if len(dev) == 3 and (int(dev[0], 16), int(dev[1], 16), int(dev[2])) == (os.major(st.st_dev),
+                                                                                   os.minor(st.st_dev), st.st_ino):
+                return int(parts[4])
+    return None
 
 
 def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
@@ -50,7 +95,7 @@ def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
 # Settings a resumed run may change: they do not change what the run computes.
 RESUMABLE = {"resume", "steps", "out_dir", "threads", "eval_every", "eval_problems", "eval_k", "save_every", "cache_dir",
              "micro_batch_tokens", "score_tokens", "rollout_tokens", "max_sampler_gap", "vllm_gpu_memory",
-             "gradient_checkpointing", "path_grad_norms"}
+             "gradient_checkpointing", "path_grad_norms", "memory_check", "recipe"}
 
 
 def find_checkpoint(args, out, world):

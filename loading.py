@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from checkpoints import find_checkpoint
 from runtime import shard
 
 
@@ -137,3 +138,18 @@ def step_prompts(step, n_rows, per_step, seed):
         epoch, pos = divmod(j, n_rows)
         out.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))[pos].item())
     return out
+
+
+def run_inputs(args, rt, out, say):
+    """What the run reads, checked before anything is built or written (bad input stops in seconds): the checkpoint
+    to resume (or None), then the problems; the embedded default (tiny_testbed.py) fills in what was not named.
+    -> (checkpoint, student, teacher, training problems, test problems or None)."""
+    ckpt = find_checkpoint(args, out, rt.world)
+    rows, test_rows = load_problems(args.data) if args.data else None, None
+    student_name, teacher_name = args.student, args.teacher
+    if not (args.student and args.teacher and args.data):
+        import tiny_testbed
+        student_name, teacher_name, rows, test_rows = tiny_testbed.embedded_default(args, rows, say)
+    if args.eval_every and not test_rows:
+        say("eval_every: periodic evaluation runs on the tiny task only; evaluate checkpoints with `python -m eval`")
+    return ckpt, student_name, teacher_name, rows, test_rows

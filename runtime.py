@@ -1,4 +1,5 @@
-"""The runtime under scope.py's loop: ranks and devices, seeds, FSDP2, and small helpers the vLLM engine shares.
+"""The runtime under scope.py's loop: ranks and devices, seeds, FSDP2, the one collective on data (all_reduce), token-
+budget micro-batches, the step's log record, and small helpers the vLLM engine shares.
 
 Engineering a reader of the method can take on trust: scope.py calls each of these in one line and says why there.
 Nothing here imports a project module, so scope.py, vllm_engine.py and checkpoints.py can all import it.
@@ -6,6 +7,7 @@ Nothing here imports a project module, so scope.py, vllm_engine.py and checkpoin
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -43,6 +45,17 @@ def setup(args):
     return types.SimpleNamespace(rank=rank, world=world, device=device, fsdp=launched, amp=amp, own_group=own_group)
 
 
+def all_reduce(values, device, op="sum"):
+    """Sum (or max) a list of numbers over ranks. EVERY collective on data goes through here, on the loop's device:
+    an NCCL process group has no CPU backend ("No backend type associated with device type cpu")."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def single_process(device="cpu"):
     """The runtime namespace of one plain process (what setup returns without torchrun), for code outside the loop."""
     return types.SimpleNamespace(rank=0, world=1, device=torch.device(device), fsdp=False, amp=contextlib.nullcontext,
@@ -57,6 +70,48 @@ def shard(model, dtype):
     for layer in model.model.layers:
         fully_shard(layer, mp_policy=mp)
     return fully_shard(model, mp_policy=mp)
+
+
+def balanced_micro_batches(batch, max_tokens, count=None):
+    """The released recipe's micro-batches (verl's dynamic batching, use_dynamic_bsz): ceil(real tokens / max_tokens)
+    of them, or `count` (the number every rank agreed on), with each row's real tokens (prompt + response, no padding)
+    spread so that their sums are balanced; a micro-batch may exceed max_tokens, as in verl. verl balances with the
+    largest differencing method (Karmarkar-Karp); this greedy rule (the longest row to the lightest micro-batch) can
+    group rows differently, so an update made here differs from verl's only through that grouping.
+    -> list of row-index tensors, each in row order."""
+    lengths = (batch["prompt_mask"].sum(-1) + batch["response_mask"].sum(-1)).tolist()
+    k = max(1, count or math.ceil(sum(lengths) / max_tokens))
+    if k > len(lengths):
+        raise ValueError(f"cannot split {len(lengths)} rows into {k} micro-batches (a budget of {max_tokens} tokens "
+                         "is below one row's length)")
+    load, parts = [0] * k, [[] for _ in range(k)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = min(range(k), key=lambda j: (load[j], j))
+        parts[j].append(i)
+        load[j] += lengths[i]
+    return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
+
+
+def row_seeds(*key_and_rows):
+    """Deterministic 63-bit seeds, one per row, from a key and per-row ids."""
+    *key, rows = key_and_rows
+    return [int.from_bytes(hashlib.sha256(repr((*key, r)).encode()).digest()[:8], "little") >> 1 for r in rows]
+
+
+class GumbelSampler:
+    """The last logits processor: argmax(logits + Gumbel noise) is an exact sample of softmax(logits). With seeds, row
+    i's noise has its own generator seeded by (run seed, step, prompt, rollout): one process and torchrun draw the same
+    rollouts, and a resumed run redraws what the uninterrupted one drew. Without: torch's RNG on the logits' device."""
+
+    def __init__(self, seeds=None):
+        self.gens = None if seeds is None else [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        if self.gens is None:
+            u = torch.rand_like(scores, dtype=torch.float64)
+        else:
+            u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.gens])
+        return scores + (-torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))).to(scores.device, scores.dtype)  # (B, V)
 
 
 def pad_cat(tensors, key, pad_id):
@@ -138,3 +193,47 @@ class PathGradNorms:
         return {"train/grad_norm_mle": float(torch.stack([g.norm() for g in self.mle]).norm()),
                 "train/grad_norm_opd": float(torch.stack([(p.grad - g).norm() for p, g in zip(self.params,
                                                                                               self.mle)]).norm())}
+
+
+def split_batch(args, rt, batch):
+    """The update's micro-batches, as many on every rank (FSDP2 runs the same forward passes everywhere): consecutive
+    rows within micro_batch_tokens padded tokens, or, with the released normalisation, verl's balanced ones."""
+    if args.loss_agg == "official-microbatch":
+        count = balanced_micro_batches(batch, args.micro_batch_tokens)
+        return balanced_micro_batches(batch, args.micro_batch_tokens,
+                                              int(all_reduce([len(count)], rt.device, "max")[0]))
+    parts = micro_batches(batch, args.micro_batch_tokens)
+    return micro_batches(batch, args.micro_batch_tokens, int(all_reduce([len(parts)], rt.device, "max")[0]))
+
+
+def summed_is_stats(stats, rt):
+    """--rollout-is-cap's log: the trainer/sampler ratio's mean and max over every token of every rank, and the
+    fraction of tokens capped."""
+    if not stats:
+        return {}
+    total, capped, tokens = all_reduce([sum(s["sum"] for s in stats), sum(s["capped"] for s in stats),
+                                        sum(s["tokens"] for s in stats)], rt.device)
+    return {"rollout/is_ratio_mean": total / max(tokens, 1.0), "rollout/is_capped_frac": capped / max(tokens, 1.0),
+            "rollout/is_ratio_max": all_reduce([max(s["max"] for s in stats)], rt.device, "max")[0]}
+
+
+def summed_logs(logs, rt):
+    """The micro-batches' metrics: losses summed over micro-batches and ranks (their normalisers are global, so the
+    sum is the batch's loss), the rest averaged over this rank's micro-batches. "loss" is the total."""
+    losses = {k: sum(m[k] for m in logs) for k in logs[0] if k.startswith("loss/")}
+    record = {k: sum(m[k] for m in logs) / len(logs) for k in logs[0]}
+    record.update(zip(losses, all_reduce(losses.values(), rt.device)))
+    return {**record, "loss": sum(record[k] for k in losses)}
+
+
+def log_step(step, record, batch, t, device):
+    """Phase 5: the step's JSON record, with batch statistics summed over ranks (docs/training.md: logging keys)."""
+    mask = batch["response_mask"]
+    r_sum, rows, trunc, tok, nll, gap = all_reduce([batch["rewards"].sum(), mask.shape[0], batch["truncated"].sum(),
+                                                    mask.sum(), record.pop("_nll"), record.pop("_gap")], device)
+    phases = ["time/generate", "time/verify", "time/score", "time/update", "end"]
+    times = {k: t[nxt] - t[k] for k, nxt in zip(phases, phases[1:])}
+    record = {"step": step + 1, **record, "train/reward_mean": r_sum / rows, "rollout/truncated_frac": trunc / rows,
+              "rollout/mean_len": tok / rows, "rollout/nll_student": nll / max(tok, 1.0),
+              "perf/tokens_per_s": tok / max(sum(times.values()), 1e-9), **times}
+    return record if math.isnan(gap) else {**record, "rollout/sampler_gap": gap / max(tok, 1.0)}

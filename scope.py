@@ -48,7 +48,7 @@ import torch
 
 WEIGHT_NORMS = ("sum", "mean")            # sum: eq. 4-5 (weights sum to 1); mean: official code (x |cell|)
 WEIGHT_DIRECTIONS = ("paper", "reversed", "uniform")
-LOSS_AGGS = ("paper", "token")            # see scope_loss
+LOSS_AGGS = ("paper", "token", "official-microbatch")   # see scope_loss
 
 
 def _check(ok, message):
@@ -139,17 +139,22 @@ def batch_counts(mask, rewards, group_ids, group_size=None):
     mask = mask.float()                                            # (B, L)
     tokens = mask.sum(-1)                                          # (B,)
     prompts = mask.shape[0] / group_size if group_size else torch.unique(group_ids).numel()
-    return {"prompts": float(prompts), "tokens": float(tokens.sum()),
+    return {"prompts": float(prompts), "rollouts": float(mask.shape[0]), "tokens": float(tokens.sum()),
             "tokens_correct": float((tokens * rewards.float()).sum())}
 
 
-def _normalisers(counts, agg):
+def _normalisers(counts, agg, mask, rewards, weights):
     """(MLE denominator, OPD denominator) of a loss aggregation. Counts of zero become 1: empty sums stay 0."""
     _check_option("agg", agg, LOSS_AGGS)
     if agg == "paper":     # eq. 6: E_x[ sum_i w_i sum_t (...) ]: token sums, mean over prompts
         d_mle = d_opd = counts["prompts"]
-    else:                  # official code's token-mean (MLE / correct tokens, OPD / all tokens), but global
+    elif agg == "token":   # official code's token-mean (MLE / correct tokens, OPD / all tokens), but global
         d_mle, d_opd = counts["tokens_correct"], counts["tokens"]
+    else:                  # the released actor: token means within THIS micro-batch (MLE over correct rollouts whose
+        tokens = mask.sum(-1)   # weight is above 0, as its mask; + 1e-8 as its masked_mean), times the micro-batch's
+        share = counts["rollouts"] / max(mask.shape[0], 1)   # share of all rollouts (the mean over ranks included)
+        mle_tokens = (tokens * rewards * (weights > 0)).sum()
+        return (float(mle_tokens) + 1e-8) * share, (float(tokens.sum()) + 1e-8) * share
     return max(d_mle, 1.0), max(d_opd, 1.0)
 
 
@@ -165,7 +170,8 @@ def _weight_stats(w, cell_ids):
     return float(w.max()), float(ent.mean())
 
 
-def scope_loss(logp, logp_old, logp_teacher, mask, rewards, weights, group_ids=None, agg="paper", counts=None):
+def scope_loss(logp, logp_old, logp_teacher, mask, rewards, weights, group_ids=None, agg="paper", counts=None,
+               token_weights=None):
     """SCOPE objective (eq. 6). All (B, L) but rewards, weights, group_ids (B,). -> (loss, metrics).
 
       eq. 1  rho_it = exp(s_it - o_it)                         (=1 in value on fresh rollouts; grad = grad s_it)
@@ -175,9 +181,12 @@ def scope_loss(logp, logp_old, logp_teacher, mask, rewards, weights, group_ids=N
       eq. 6  J = E_x[ sum_{Omega_c} w_stu L_MLE + sum_{Omega_w} w_tea L_OPD ]
 
     agg="paper": token sums, divided by the number of prompts (eq. 6 exactly, with norm="sum" weights).
-    agg="token": MLE sum / correct tokens + OPD sum / all response tokens (the official code's token-mean).
+    agg="token": MLE sum / correct tokens + OPD sum / all response tokens (the official code's token-mean, global).
+    agg="official-microbatch": the released update itself: those token means within each micro-batch, times the
+    micro-batch's share of the batch's rollouts (pass counts of the whole batch: its "rollouts").
     counts: totals over the GLOBAL batch from batch_counts (summed over micro-batches and ranks); None uses
     this batch's own counts. With global counts, summing the losses of any split gives the full-batch loss.
+    token_weights (B, L), no gradient: multiplies every token's term (truncated_is_weights, below); None: eq. 6.
     """
     _check_same_shape(logp=logp, logp_old=logp_old, logp_teacher=logp_teacher, mask=mask)
     _check_rewards(rewards, logp.shape[0])
@@ -188,7 +197,7 @@ def scope_loss(logp, logp_old, logp_teacher, mask, rewards, weights, group_ids=N
         _check_finite(name, x.detach()[real])
     _check_finite("weights", weights)
     counts = batch_counts(mask, rewards, group_ids) if counts is None else counts
-    d_mle, d_opd = _normalisers(counts, agg)
+    d_mle, d_opd = _normalisers(counts, agg, mask, rewards, weights)
 
     mask = mask.to(logp.dtype)                                     # (B, L)
     zero = torch.zeros_like(logp)
@@ -196,6 +205,8 @@ def scope_loss(logp, logp_old, logp_teacher, mask, rewards, weights, group_ids=N
     logp_teacher = torch.where(real, logp_teacher.detach(), zero)
     s = torch.where(real, logp, zero)
     rho = torch.exp(s - logp_old)                                  # (B, L) eq. 1
+    if token_weights is not None:                                  # importance correction to the sampler, capped
+        rho = rho * token_weights.detach().to(rho.dtype)
     k1 = (s.detach() - logp_teacher)                               # (B, L) sg(s - T), reverse-KL k1 estimate
     mle_seq = -(rho * mask).sum(-1)                                # (B,) eq. 2
     opd_seq = (rho * k1 * mask).sum(-1)                            # (B,) eq. 3
@@ -222,7 +233,6 @@ def scope_loss(logp, logp_old, logp_teacher, mask, rewards, weights, group_ids=N
 # ---------------------------------------------------------------------------------------------- end of the loss
 # The rest of the file (baselines, rollouts, scoring, config, the loop) needs more than torch and math:
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -230,13 +240,14 @@ from pathlib import Path
 import memory                                                      # the memory plan, printed before loading
 import runtime                                                     # ranks, devices, seeds, FSDP2, small helpers
 import verifier                                                    # section 2: the reward R_i
-from checkpoints import find_checkpoint, resume, save_checkpoint
-from loading import load_models, load_problems, step_prompts
+from checkpoints import OutDirLock, resume, save_checkpoint
+from loading import load_models, run_inputs, step_prompts
 from logprobs import model_logprobs
-from runtime import micro_batches, pad_cat, trim
+from runtime import (GumbelSampler, all_reduce, log_step, micro_batches, pad_cat, row_seeds, split_batch,
+                     summed_is_stats, summed_logs, trim)
 # Moved beside this file and still importable from it, so code written against earlier versions keeps working:
-from checkpoints import RESUMABLE, load_tensors  # noqa: F401
-from loading import JsonlProblems, load_model, load_tokenizer  # noqa: F401
+from checkpoints import RESUMABLE, find_checkpoint, load_tensors  # noqa: F401
+from loading import JsonlProblems, load_model, load_problems, load_tokenizer  # noqa: F401
 from logprobs import LogprobHead, token_logprobs  # noqa: F401
 from memory import memory_plan  # noqa: F401
 from runtime import setup, shard, tied_names  # noqa: F401
@@ -254,19 +265,33 @@ METHODS = {   # name -> whether it needs the teacher, and its loss
 }
 
 
+def truncated_is_weights(logp_trainer, logp_sampler, mask, cap):
+    """Truncated importance sampling, an option (the paper has none): per token min(pi_trainer / pi_sampler, cap),
+    no gradient, to multiply each token's term when the sampler (vLLM, bf16) is not exactly the trainer.
+    -> ((B, L) weights, 0 on padding; {"sum", "max", "capped", "tokens"} of the uncapped ratios, for logging)."""
+    _check(cap > 0, f"cap must be > 0, got {cap}")
+    real = mask.bool()
+    ratio = torch.exp(torch.where(real, logp_trainer.detach() - logp_sampler.detach(), 0.0))   # (B, L)
+    stats = {"sum": float(ratio[real].sum()), "max": float(ratio[real].max()) if real.any() else 0.0,
+             "capped": float((ratio[real] > cap).sum()), "tokens": float(real.sum())}
+    return torch.where(real, ratio.clamp(max=cap), 0.0), stats
+
+
 def uniform_weights(group_ids, agg="paper"):
     """Uniform per-prompt weights: 1/N (sums to 1, as eq. 6 with agg="paper") or 1 (agg="token"). -> (B,)."""
     return group_softmax(torch.zeros(group_ids.shape[0]), group_ids, "sum" if agg == "paper" else "mean")
 
 
-def opd_loss(logp, logp_old, logp_teacher, mask, group_ids, agg="paper", counts=None, weights=None):
+def opd_loss(logp, logp_old, logp_teacher, mask, group_ids, agg="paper", counts=None, weights=None,
+             token_weights=None):
     """Plain on-policy distillation baseline: eq. 3 on EVERY rollout with uniform weights.
     weights: uniform_weights of the WHOLE groups when a micro-batch holds only part of a group."""
     rewards = torch.zeros(logp.shape[0], device=logp.device)
     weights = uniform_weights(group_ids, agg) if weights is None else weights
     if counts is not None:                                         # every rollout is on the OPD path
         counts = dict(counts, tokens_correct=0.0)
-    loss, metrics = scope_loss(logp, logp_old, logp_teacher, mask, rewards, weights, group_ids, agg, counts)
+    loss, metrics = scope_loss(logp, logp_old, logp_teacher, mask, rewards, weights, group_ids, agg, counts,
+                               token_weights)
     return loss, {"loss/opd": metrics["loss/opd"], "kl/teacher_k1": metrics["kl/teacher_k1"]}
 
 
@@ -282,10 +307,11 @@ def grpo_advantages(rewards, group_ids, eps=1e-6):
     return ((r - mean[g]) / (var.sqrt()[g] + eps)).float()
 
 
-def grpo_loss(logp, logp_old, logp_ref, mask, advantages, clip=0.2, kl_coef=1e-4, counts=None):
+def grpo_loss(logp, logp_old, logp_ref, mask, advantages, clip=0.2, kl_coef=1e-4, counts=None, token_weights=None):
     """GRPO: PPO-clip surrogate on the group-normalised advantage plus kl_coef * KL(pi_theta || pi_ref) by the
     k3 estimator exp(r) - r - 1, r = ref - s (Schulman, "Approximating KL divergence"). Token-mean over the
-    global number of response tokens (DAPO-style), so micro-batching does not change the gradient."""
+    global number of response tokens (DAPO-style), so micro-batching does not change the gradient.
+    token_weights (B, L): multiply the surrogate's tokens (truncated_is_weights; as TRL, not the KL term)."""
     _check_same_shape(logp=logp, logp_old=logp_old, logp_ref=logp_ref, mask=mask)
     real = mask.bool()                                             # (B, L) response tokens
     for name, x in (("logp", logp), ("logp_old", logp_old), ("logp_ref", logp_ref)):
@@ -297,6 +323,7 @@ def grpo_loss(logp, logp_old, logp_ref, mask, advantages, clip=0.2, kl_coef=1e-4
     ratio = torch.exp(s - torch.where(real, logp_old.detach(), zero))  # (B, L)
     a = advantages.detach().to(logp.dtype)[:, None]                 # (B, 1)
     pg = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)  # (B, L)
+    pg = pg if token_weights is None else pg * token_weights.detach().to(pg.dtype)
     r = torch.where(real, logp_ref.detach(), zero) - s
     k3 = torch.exp(r) - r - 1                                       # (B, L) >= 0
     loss_pg, loss_kl = (pg * mask).sum() / d, (k3 * mask).sum() / d
@@ -342,28 +369,6 @@ def prompt_text(tokenizer, problem, instruction=""):
     content = problem + (" " + instruction if instruction else "")
     return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
-
-
-def row_seeds(*key_and_rows):
-    """Deterministic 63-bit seeds, one per row, from a key and per-row ids."""
-    *key, rows = key_and_rows
-    return [int.from_bytes(hashlib.sha256(repr((*key, r)).encode()).digest()[:8], "little") >> 1 for r in rows]
-
-
-class GumbelSampler:
-    """The last logits processor: argmax(logits + Gumbel noise) is an exact sample of softmax(logits). With seeds, row
-    i's noise has its own generator seeded by (run seed, step, prompt, rollout): one process and torchrun draw the same
-    rollouts, and a resumed run redraws what the uninterrupted one drew. Without: torch's RNG on the logits' device."""
-
-    def __init__(self, seeds=None):
-        self.gens = None if seeds is None else [torch.Generator().manual_seed(int(s)) for s in seeds]
-
-    def __call__(self, input_ids, scores):
-        if self.gens is None:
-            u = torch.rand_like(scores, dtype=torch.float64)
-        else:
-            u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.gens])
-        return scores + (-torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))).to(scores.device, scores.dtype)  # (B, V)
 
 
 class SamplerLogprobs:
@@ -510,6 +515,8 @@ class Args:
     """vllm engine: quantise its copy of the student, e.g. fp8 (rollout/sampler_gap then includes that error)"""
     max_prompt_tokens: int = 2048
     """vllm engine: longest prompt accepted (the engine's max_model_len is this + max_new_tokens)"""
+    rollout_is_cap: float = 0.0
+    """truncated importance sampling: weight each token's loss by min(pi_trainer / pi_sampler, C) (0: off, the paper)"""
     max_sampler_gap: float = 0.5
     """stop when the mean |log pi_sampler - log pi_trainer| per sampled token exceeds this: stale weights (0: off)"""
     max_new_tokens: int = 64
@@ -541,7 +548,10 @@ class Args:
     teacher_weight: str = "paper"
     """paper: w ~ PPL_T^(-1/tau) (eq. 5); reversed; uniform (ablation)"""
     loss_agg: str = "paper"
-    """paper: eq. 6 token sums averaged over prompts; token: the official code's token-mean (global counts)"""
+    """paper: eq. 6 token sums averaged over prompts; token: the official code's token-mean over global counts;
+    official-microbatch: the released update (token means per micro-batch, balanced micro-batches; docs/method.md)"""
+    recipe: str = "paper"
+    """paper: the paper's equations; official: the released scripts' recipe in one flag (docs/method.md)"""
     grpo_clip: float = 0.2
     """GRPO PPO clip range"""
     grpo_kl_coef: float = 1e-4
@@ -562,6 +572,8 @@ class Args:
     """torch CPU threads per process and for the tiny build (1: under load, 2 run slower; docs/measurements.md)"""
     dtype: str = "float32"
     """compute dtype, float32 | bfloat16 (the student's weights and AdamW state stay fp32; teacher stored in it)"""
+    memory_check: bool = True
+    """stop before loading anything when the memory plan predicts the layout does not fit (false: print it only)"""
     gradient_checkpointing: bool = False
     """recompute activations in the student's backward pass (long responses on GPUs)"""
 
@@ -575,15 +587,24 @@ PRESETS = {
                   "within \\boxed{}.", prompts_per_step=256, max_new_tokens=12288, temperature=0.6, lr=5e-5,
                   steps=500, seeded_sampling=False, eval_every=0, save_every=20, dtype="bfloat16", cache_dir="",
                   gradient_checkpointing=True, micro_batch_tokens=32768, score_tokens=65536, rollout_tokens=1 << 20,
-                  rollout_engine="vllm"),
+                  rollout_engine="vllm", vllm_gpu_memory=0.4),   # 0.4: a quarter of a rank's rollouts in its KV cache
 }
+
+
+# --recipe official: the released scripts (machine981/SCOPE, run_experiment_distill_1_5b.sh) in one flag: their weight
+# signs and mean-1 weights, their per-micro-batch normalisation over micro-batches balanced to 16,384 tokens per GPU
+# (ppo_max_token_len_per_gpu), student log-probs at the sampling temperature 0.6, the MATH string-match grader.
+OFFICIAL_RECIPE = dict(weight_norm="mean", student_weight="reversed", teacher_weight="paper", temperature=0.6,
+                       loss_agg="official-microbatch", micro_batch_tokens=16384, logprob_temperature="sampling",
+                       grader="official")
 
 
 def resolve(given):
     """Args from a preset plus the fields given explicitly (they win); a value no option takes is a ValueError."""
-    preset = given.get("preset", "tiny")
+    preset, recipe = given.get("preset", "tiny"), given.get("recipe", "paper")
     _check_option("preset", preset, tuple(PRESETS))
-    args = Args(**{**PRESETS[preset], **given})
+    _check_option("recipe", recipe, ("paper", "official"))
+    args = Args(**{**PRESETS[preset], **(OFFICIAL_RECIPE if recipe == "official" else {}), **given})
     _check_option("method", args.method, tuple(METHODS))
     _check_option("grader", args.grader, ("verify", "official"))
     _check_option("logprob_temperature", args.logprob_temperature, ("one", "sampling"))
@@ -592,6 +613,9 @@ def resolve(given):
     if args.rollout_engine == "vllm" and args.logprob_temperature == "sampling" and (args.top_k > 0 or args.top_p < 1):
         raise ValueError("--rollout-engine vllm with --logprob-temperature sampling cannot use --top-k/--top-p: vLLM "
                          "renormalises its log-probs over the kept tokens, not the policy the loss uses (use one)")
+    if args.rollout_is_cap < 0 or (args.rollout_is_cap and args.method == "kd"):
+        raise ValueError(f"--rollout-is-cap {args.rollout_is_cap}: a cap > 0, and not with kd (its samples are the "
+                         "teacher's: no student sampler to correct)")
     for name in ("steps", "prompts_per_step", "n_rollouts", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -611,11 +635,20 @@ def parse_args(argv=None):
 # 5. The loop: one code path for one process and for torchrun (gloo on CPU, NCCL on GPU)
 # ----------------------------------------------------------------------------------------------------
 def train(args):
-    """The SCOPE loop: sample N rollouts per prompt, verify, score with the teacher, one weighted update."""
-    from tqdm import tqdm
+    """One training run: ranks, device and seeds; one run per output directory (a lock a kill -9 releases); the loop."""
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     rt = runtime.setup(args)                                          # ranks, device, seeds (runtime.py)
+    lock = OutDirLock(Path(args.out_dir), rt)                         # a second run into it stops here (checkpoints.py)
+    try:
+        return loop(args, rt)
+    finally:
+        lock.release()
+
+
+def loop(args, rt):
+    """The SCOPE loop: sample N rollouts per prompt, verify, score with the teacher, one weighted update."""
+    from tqdm import tqdm
     say = print if rt.rank == 0 else (lambda *a, **k: None)
     out = Path(args.out_dir)
     ckpt, student_name, teacher_name, rows, test_rows = run_inputs(args, rt, out, say)
@@ -634,6 +667,7 @@ def train(args):
         import vllm_engine
         engine = vllm_engine.VLLMRollouts(args, student_name)
     kd_cache, n = {}, args.kd_samples if args.method == "kd" else args.n_rollouts
+    lp_temp = args.temperature if args.logprob_temperature == "sampling" else 1.0   # pi_theta's log-probs at T
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, disable=rt.rank != 0)
     for step in bar:
         idx = step_prompts(step, len(rows), args.prompts_per_step, args.seed)   # the global batch's problems
@@ -647,7 +681,8 @@ def train(args):
         t["time/score"] = time.time()                                  # 3. teacher T_it / GRPO reference (no grad)
         logp_teacher = (score_logprobs(teacher, batch, batch["groups"], args.score_tokens)
                         if args.method in ("scope", "opd") else None)
-        logp_ref = score_logprobs(ref, batch, batch["groups"], args.score_tokens) if ref is not None else None
+        logp_ref = (score_logprobs(ref, batch, batch["groups"], args.score_tokens, lp_temp)   # the student's T:
+                    if ref is not None else None)                                           # KL 0 at step 0
         t["time/update"] = time.time()                                 # 4. weights (eq. 4-5) and one update (eq. 6)
         record = update_student(args, rt, student, opt, batch, logp_teacher, logp_ref)
         t["end"] = time.time()
@@ -665,32 +700,6 @@ def train(args):
             vllm_engine.close_engine()
         torch.distributed.destroy_process_group()
     return student
-
-
-def run_inputs(args, rt, out, say):
-    """What the run reads, checked before anything is built or written (bad input stops in seconds): the checkpoint
-    to resume (or None), then the problems; the embedded default (tiny_testbed.py) fills in what was not named.
-    -> (checkpoint, student, teacher, training problems, test problems or None)."""
-    ckpt = find_checkpoint(args, out, rt.world)
-    rows, test_rows = load_problems(args.data) if args.data else None, None
-    student_name, teacher_name = args.student, args.teacher
-    if not (args.student and args.teacher and args.data):
-        import tiny_testbed
-        student_name, teacher_name, rows, test_rows = tiny_testbed.embedded_default(args, rows, say)
-    if args.eval_every and not test_rows:
-        say("eval_every: periodic evaluation runs on the tiny task only; evaluate checkpoints with `python -m eval`")
-    return ckpt, student_name, teacher_name, rows, test_rows
-
-
-def all_reduce(values, device, op="sum"):
-    """Sum (or max) a list of numbers over ranks. EVERY collective on data goes through here, on the loop's device:
-    an NCCL process group has no CPU backend ("No backend type associated with device type cpu")."""
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache, engine=None):
@@ -726,28 +735,32 @@ def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, 
     return {k: pad_cat([o[k] for o in out], k, tokenizer.pad_token_id) for k in out[0]}
 
 
+def batch_weights(args, rt, batch, logp_teacher):
+    """Phase 4a, on the whole batch before any micro-batching: SCOPE's weights (eq. 4-5, pi_old from the sampler's
+    log-probs; OPD and PSR uniform), GRPO's advantages, and the loss's denominators summed over ranks (the loss's
+    contract). -> (weights or None, advantages or None, counts)."""
+    mask, rewards, groups = batch["response_mask"], batch["rewards"], batch["groups"]
+    local = batch_counts(mask, rewards, groups, group_size=args.kd_samples if args.method == "kd" else args.n_rollouts)
+    counts = dict(zip(local, all_reduce(local.values(), rt.device)))  # summed over ranks
+    if args.method == "scope":
+        return scope_weights(batch["logp_sampler"], logp_teacher, mask, groups, rewards, args.tau, args.weight_norm,
+                             args.student_weight, args.teacher_weight), None, counts
+    if args.method in ("opd", "psr"):
+        return uniform_weights(groups, args.loss_agg), None, counts
+    return None, grpo_advantages(rewards, groups) if args.method == "grpo" else None, counts
+
+
 def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
     """Phase 4: the weights of the whole batch (eq. 4-5), then one optimizer step over token-budget micro-batches (a
     group may be split) with the method's loss. Every normaliser counts the GLOBAL batch (the loss's contract)."""
-    n = args.kd_samples if args.method == "kd" else args.n_rollouts
     lp_temp = args.temperature if args.logprob_temperature == "sampling" else 1.0
-    mask, rewards, groups = batch["response_mask"], batch["rewards"], batch["groups"]
-    local = batch_counts(mask, rewards, groups, group_size=n)
-    counts = dict(zip(local, all_reduce(local.values(), rt.device)))  # summed over ranks
-    w = adv = None
-    if args.method == "scope":                                        # eq. 4-5, pi_old from the sampler's log-probs
-        w = scope_weights(batch["logp_sampler"], logp_teacher, mask, groups, rewards, args.tau, args.weight_norm,
-                          args.student_weight, args.teacher_weight)
-    elif args.method in ("opd", "psr"):
-        w = uniform_weights(groups, args.loss_agg)
-    elif args.method == "grpo":
-        adv = grpo_advantages(rewards, groups)
-    parts = micro_batches(batch, args.micro_batch_tokens)             # every rank runs as many (FSDP2)
-    parts = micro_batches(batch, args.micro_batch_tokens, int(all_reduce([len(parts)], rt.device, "max")[0]))
+    w, adv, counts = batch_weights(args, rt, batch, logp_teacher)
+    parts = split_batch(args, rt, batch)                              # every rank runs as many (FSDP2)
     paths = runtime.PathGradNorms(student) if args.path_grad_norms and args.method == "scope" else None
     student.train()
     opt.zero_grad(set_to_none=True)
-    logs, gap, nll, shared = [], 0.0, 0.0, n > 1 and not args.gradient_checkpointing
+    logs, gap, nll, is_stats = [], 0.0, 0.0, []
+    shared = (args.kd_samples if args.method == "kd" else args.n_rollouts) > 1 and not args.gradient_checkpointing
     for j, sl in enumerate(parts):
         part = trim({k: v[sl] for k, v in batch.items()})
         pm, r, g = part["response_mask"], part["rewards"], part["groups"]   # (b, t), (b,), (b,)
@@ -758,56 +771,39 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
                     else sequence_logprobs(student, part, lp_temp))
         lt = None if logp_teacher is None else logp_teacher[sl, :logp.shape[1]]                      # (b, t) T_it
         logp_old = logp.detach()                                      # o_it: one update per batch (the contract)
+        tw = None                                                     # --rollout-is-cap: trainer / sampler, capped
+        if args.rollout_is_cap:
+            tw, stats = truncated_is_weights(logp, part["logp_sampler"], pm, args.rollout_is_cap)
+            is_stats.append(stats)
         if args.method == "scope":                                    # eq. 6 with the whole batch's weights
-            loss, m = scope_loss(logp, logp_old, lt, pm, r, w[sl], g, args.loss_agg, counts)
+            loss, m = scope_loss(logp, logp_old, lt, pm, r, w[sl], g, args.loss_agg, counts, tw)
         elif args.method == "opd":                                    # eq. 3 on every rollout
-            loss, m = opd_loss(logp, logp_old, lt, pm, g, args.loss_agg, counts, weights=w[sl])
+            loss, m = opd_loss(logp, logp_old, lt, pm, g, args.loss_agg, counts, weights=w[sl], token_weights=tw)
         elif args.method == "psr":                                    # eq. 2 alone: T = s zeroes the teacher path
-            loss, m = scope_loss(logp, logp_old, logp_old, pm, r, w[sl], g, args.loss_agg, counts)
+            loss, m = scope_loss(logp, logp_old, logp_old, pm, r, w[sl], g, args.loss_agg, counts, tw)
         elif args.method == "grpo":
             ref = logp_old if logp_ref is None else logp_ref[sl, :logp.shape[1]]
-            loss, m = grpo_loss(logp, logp_old, ref, pm, adv[sl], args.grpo_clip, args.grpo_kl_coef, counts)
+            loss, m = grpo_loss(logp, logp_old, ref, pm, adv[sl], args.grpo_clip, args.grpo_kl_coef, counts, tw)
         elif args.method == "kd":                                     # the teacher's samples: plain NLL
             loss, m = kd_loss(logp, pm, counts)
         else:
             raise ValueError(f"method={args.method!r} is not one of {tuple(METHODS)}")
         if paths:                                                     # the MLE path alone: OPD weights zeroed
-            paths.add(scope_loss(logp, logp_old, lt, pm, r, w[sl] * r, g, args.loss_agg, counts)[0])
+            paths.add(scope_loss(logp, logp_old, lt, pm, r, w[sl] * r, g, args.loss_agg, counts, tw)[0])
         (loss * rt.world).backward()                                  # the wrapper averages over ranks: undo, to sum
         logs.append(m)
         nll += float(-(logp.detach() * pm).sum())                     # the student's NLL of its own tokens
         if args.method != "kd":                                       # KD's sampler is the teacher
             gap += float(((part["logp_sampler"] - logp.detach()).abs() * pm).sum())
     if args.max_sampler_gap and args.method != "kd":                  # stale weights: stop before the step
-        runtime.check_sampler_gap(*all_reduce([gap, mask.sum()], rt.device), args.max_sampler_gap)
-    record = paths.norms() if paths else {}
+        runtime.check_sampler_gap(*all_reduce([gap, batch["response_mask"].sum()], rt.device), args.max_sampler_gap)
+    record = {**(paths.norms() if paths else {}), **summed_is_stats(is_stats, rt)}
     grad_norm = runtime.clip_grad_norm(student, args.grad_clip)
     opt.step()
+    opt.zero_grad(set_to_none=True)                                   # free the gradients before the next rollouts
     student.eval()
     return {**record, **summed_logs(logs, rt), "train/grad_norm": grad_norm, "train/grad_clipped":
             float(0 < args.grad_clip < grad_norm), "_nll": nll, "_gap": gap if args.method != "kd" else math.nan}
-
-
-def summed_logs(logs, rt):
-    """The micro-batches' metrics: losses summed over micro-batches and ranks (their normalisers are global, so the
-    sum is the batch's loss), the rest averaged over this rank's micro-batches. "loss" is the total."""
-    losses = {k: sum(m[k] for m in logs) for k in logs[0] if k.startswith("loss/")}
-    record = {k: sum(m[k] for m in logs) / len(logs) for k in logs[0]}
-    record.update(zip(losses, all_reduce(losses.values(), rt.device)))
-    return {**record, "loss": sum(record[k] for k in losses)}
-
-
-def log_step(step, record, batch, t, device):
-    """Phase 5: the step's JSON record, with batch statistics summed over ranks (docs/training.md: logging keys)."""
-    mask = batch["response_mask"]
-    r_sum, rows, trunc, tok, nll, gap = all_reduce([batch["rewards"].sum(), mask.shape[0], batch["truncated"].sum(),
-                                                    mask.sum(), record.pop("_nll"), record.pop("_gap")], device)
-    phases = ["time/generate", "time/verify", "time/score", "time/update", "end"]
-    times = {k: t[nxt] - t[k] for k, nxt in zip(phases, phases[1:])}
-    record = {"step": step + 1, **record, "train/reward_mean": r_sum / rows, "rollout/truncated_frac": trunc / rows,
-              "rollout/mean_len": tok / rows, "rollout/nll_student": nll / max(tok, 1.0),
-              "perf/tokens_per_s": tok / max(sum(times.values()), 1e-9), **times}
-    return record if math.isnan(gap) else {**record, "rollout/sampler_gap": gap / max(tok, 1.0)}
 
 
 def evaluate(model, tokenizer, rows, k, args, seed_key, rt):

@@ -10,9 +10,15 @@ Facts it relies on, each from vLLM's source (docs/vllm.md):
   - building reseeds Python's, NumPy's and torch's global RNGs: restored;
   - vLLM repacks or quantises weights after loading, so weights go in through its reload path, and a tied output
     layer must be rebuilt after it (vLLM 0.32 reprocesses only the layers it loaded): _reload_weights;
-  - processed log-probs are renormalised under top-k/top-p: refused there (scope.resolve).
+  - processed log-probs are renormalised under top-k/top-p: refused there (scope.resolve);
+  - on CUDA, sleep unmaps and releases the engine's cumem memory and an in-process shutdown releases it again, which
+    breaks the next engine (vLLM issue #36651): close_engine wakes a sleeping engine before it shuts it down, then
+    checks that vLLM's allocator holds nothing;
+  - a push that misses a tensor, or no push at all, leaves weights that only a large update would show in the
+    log-probs: every parameter the engine loads records the push's version, and generation checks them all.
 """
 
+import gc
 import os
 import random
 
@@ -25,7 +31,7 @@ import runtime                                # pad_cat, tied_names: shared with
 # sequence's whole prompt: a prompt split over steps (chunked prefill) with a seeded request crashes the CPU build
 # ("CPU Generator does not use offset", v1/worker/gpu_model_runner.py, _bookkeeping_sync).
 VLLM_CPU_KV_BYTES = 256 << 20
-_ENGINE = {}                    # the process's one vLLM engine and its settings (CUDA: one sleep-mode engine per process)
+_ENGINE = {}                    # the process's one vLLM engine, its settings, whether it sleeps, its push count
 
 
 def import_vllm():
@@ -73,28 +79,57 @@ def get_engine(model, max_len, seed, memory, logprobs_mode="raw_logprobs", sleep
         torch.set_rng_state(rng[0]), random.setstate(rng[1]), np.random.set_state(rng[2])
         for i, s in enumerate(rng[3]):
             torch.cuda.set_rng_state(s, i)
-    _ENGINE.update(key=key, llm=llm)
+    _ENGINE.update(key=key, llm=llm, asleep=False, pushes=0)
     return llm
 
 
 def close_engine():
-    """Shut the process's engine down, keeping the caller's process group: vLLM's teardown (also its finalizer) ends in
+    """Shut the process's engine down, safely while it sleeps and keeping the caller's process group. Order (a contract
+    test checks it; only a GPU runs it): wake a sleeping engine (sleep released its cumem memory, and shutting down
+    releases it again: vLLM issue #36651), empty the CUDA cache, shut down, then check that vLLM's allocator holds
+    nothing, so that the next engine starts clean. vLLM's teardown (also its finalizer) ends in
     torch.distributed.destroy_process_group() (vllm/distributed/parallel_state.py), which would end the torchrun group
-    that the loop, reproduce.py and eval still use. Call it before destroying the group."""
+    that the loop, reproduce.py and eval still use: that one call is skipped. Call it before destroying the group."""
     import torch.distributed as dist
-    llm, destroy = _ENGINE.pop("llm", None), dist.destroy_process_group
+    llm, asleep, destroy = _ENGINE.pop("llm", None), _ENGINE.get("asleep"), dist.destroy_process_group
     _ENGINE.clear()
-    if llm is not None:
-        dist.destroy_process_group = lambda group=None: None if group is None else destroy(group)
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        finally:
-            dist.destroy_process_group = destroy
+    if llm is None:
+        return
+    if asleep:
+        llm.wake_up()                                                   # every tag: weights, KV cache, scheduling
+    empty_device_cache()
+    dist.destroy_process_group = lambda group=None: None if group is None else destroy(group)
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        dist.destroy_process_group = destroy
+    del llm
+    gc.collect()
+    held = allocator_bytes()
+    if held:
+        raise RuntimeError(f"vLLM's cumem allocator still holds {held / 2**20:.0f} MiB after the engine shut down: the "
+                           "next engine's allocations would fail (vLLM issue #36651)")
 
 
-def _reload_weights(worker, weights):
-    """Inside the engine (collective_rpc): vLLM's reload path from (name, tensor) pairs. -> the engine's parameters
-    that vLLM's loader did not report loaded (checked like vLLM's own reload: unquantised models only)."""
+def empty_device_cache():
+    """Give the caching allocator's free blocks back to the device (CUDA; nothing to do on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def allocator_bytes():
+    """Bytes vLLM's sleep-mode (cumem) allocator still maps; 0 where the platform has none (the CPU)."""
+    try:
+        from vllm.device_allocator.cumem import CuMemAllocator, cumem_available
+    except ImportError:
+        return 0
+    return CuMemAllocator.get_instance().get_current_usage() if cumem_available and CuMemAllocator.instance else 0
+
+
+def _reload_weights(worker, weights, version):
+    """Inside the engine (collective_rpc): vLLM's reload path from (name, tensor) pairs. Every parameter vLLM's loader
+    reports loaded records `version` (checked before generation: _weight_versions). -> the engine's parameters that
+    the loader did not report loaded (checked like vLLM's own reload: unquantised models only)."""
     model = worker.get_model()
     expected, loaded, load = {n for n, _ in model.named_parameters()}, set(), model.load_weights
     model.load_weights = lambda w: loaded.update(load(w)) or loaded
@@ -105,7 +140,17 @@ def _reload_weights(worker, weights):
     head = getattr(model, "lm_head", None)
     if "lm_head.weight" not in expected and hasattr(head, "quant_method"):   # tied to the embedding: never loaded, so
         head.quant_method.process_weights_after_loading(head)                # vLLM keeps its kernel of the old weights
+    versions = getattr(model, "scope_weight_versions", {})
+    versions.update(dict.fromkeys(loaded & expected, version))
+    model.scope_weight_versions = versions
     return set() if worker.vllm_config.model_config.quantization else expected - loaded
+
+
+def _weight_versions(worker):
+    """Inside the engine: {parameter: the version of the push that last loaded it} for every engine parameter."""
+    model = worker.get_model()
+    versions = getattr(model, "scope_weight_versions", {})
+    return {n: versions.get(n) for n, _ in model.named_parameters()}
 
 
 class VLLMRollouts:
@@ -128,6 +173,7 @@ class VLLMRollouts:
                               args.vllm_quantization)
         if self.sleeps:
             self.llm.sleep(level=1)
+            _ENGINE["asleep"] = True
 
     @torch.no_grad()
     def push_weights(self, student):
@@ -146,14 +192,28 @@ class VLLMRollouts:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()                              # give the trainer's cached blocks back first
             self.llm.wake_up(tags=["weights"])                        # order: weights, load, KV cache
-        not_loaded = self.llm.collective_rpc(_reload_weights, args=(weights(),))[0]
+            _ENGINE["asleep"] = "weights awake"
+        _ENGINE["pushes"] = version = _ENGINE.get("pushes", 0) + 1
+        not_loaded = self.llm.collective_rpc(_reload_weights, args=(weights(), version))[0]
         not_sent = [k for k in student.state_dict() if k not in tied and k not in sent]
         if not_sent or not_loaded:
             raise RuntimeError(f"weight push incomplete: student tensors not sent {not_sent}, engine parameters not "
                                f"loaded {sorted(not_loaded)}: the engine would sample from stale weights")
         if self.sleeps:
             self.llm.wake_up(tags=["kv_cache"])
-        self.llm.reset_prefix_cache()                                 # cached prefixes hold the old weights' KV
+            _ENGINE["asleep"] = False
+        if self.llm.reset_prefix_cache() is False:                    # cached prefixes hold the old weights' KV
+            raise RuntimeError("vLLM did not reset its prefix cache after the weight push: cached prompts would be "
+                               "served from the old weights' KV")
+
+    def check_weights(self, want):
+        """Every engine parameter must carry version `want`, the push this step made: a skipped push, or one that
+        missed a tensor, stops here whatever the size of the update (the sampler gap only sees large ones)."""
+        stale = sorted(n for n, v in self.llm.collective_rpc(_weight_versions)[0].items() if v != want)
+        if stale:
+            raise RuntimeError(f"stale engine weights: {len(stale)} parameter(s) did not come with the latest push "
+                               f"(push {want}): {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}; the engine "
+                               "would sample from old weights, so no rollouts were drawn")
 
     def generate(self, student, tokenizer, prompts, n, seeds, device):
         """The `generate` contract: rows prompt-major, left-padded prompts, right-padded responses, truncated,
@@ -164,13 +224,16 @@ class VLLMRollouts:
         if max(map(len, ids)) + a.max_new_tokens > self.max_len:
             raise ValueError(f"a prompt of {max(map(len, ids))} tokens + --max-new-tokens {a.max_new_tokens} does not "
                              f"fit the engine's {self.max_len} positions (--max-prompt-tokens, the model's limit)")
+        want = _ENGINE.get("pushes", 0) + 1                          # the version this push must leave everywhere
         self.push_weights(student)
+        self.check_weights(want)
         params = [SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, logprobs=0,
                                  max_tokens=a.max_new_tokens, seed=None if seeds is None else seeds[q] % 2**31,
                                  stop_token_ids=[tokenizer.eos_token_id], detokenize=False) for q in range(len(ids))]
         outs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         if self.sleeps:
             self.llm.sleep(level=1)
+            _ENGINE["asleep"] = True
         done = [(ids[q], c) for q, o in enumerate(outs) for c in o.outputs]       # B*n completions, prompt-major
         bad = {c.finish_reason for _, c in done} - {"stop", "length"}
         if bad:

@@ -6,10 +6,12 @@ prints a table. It runs on whatever torch / transformers it finds and states the
   (b) paper-shaped models with random weights (Qwen2.5-1.5B-shaped student in fp32 with bf16 autocast, 7B-shaped
       teacher in bf16, vocabulary 151,936): one SCOPE step of 2 prompts x 8 rollouts at 4096 and 8192 new tokens
       (random models rarely emit eos, so the lengths are real), seconds and peak GPU memory per phase;
-  (c) only if `vllm` imports: the vLLM engine path (vllm_engine.py) in one held process group: SCOPE then OPD on the
-      engine (sleep mode on a GPU; the second run must reuse the engine), the sampler gap per step, a fixed-sequence
-      check (engine vs fp32 trainer log-probs after each of 3 large AdamW steps and pushes), and on a GPU an fp8 engine
-      (vLLM's online quantisation, so the reload path must re-quantise; built after the first one is shut down).
+  (c) the vLLM engine path (vllm_engine.py), which needs a machine with vllm installed (without it: FAIL, not a
+      skip), in one held process group: SCOPE then OPD on the engine (sleep mode on a GPU; the second run must reuse
+      the engine), the sampler gap per step, a fixed-sequence check (engine vs fp32 trainer log-probs after each of 3
+      large AdamW steps and pushes), teardown while asleep (sleep, close, build a second engine, generate: vLLM issue
+      #36651), and on a GPU an fp8 engine (vLLM's online quantisation, so the reload path must re-quantise).
+  Every part that cannot run on this machine (no vllm; no sleep mode or fp8 on the CPU) prints FAIL with the reason.
 
     python bench/gpu_check.py --out gpu_check.json
     python bench/gpu_check.py --dry-run            # CPU, gloo, tiny shapes: the bookkeeping only (a test runs it)
@@ -114,6 +116,7 @@ def vllm_checks(dry, work):
                 out[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             engines.append(id(vllm_engine._ENGINE.get("llm")))
         out["engine_reused_by_the_second_run"] = engines[0] == engines[1]
+        out["teardown_while_asleep"] = teardown_while_asleep(dry, work, student, teacher)
         try:                                                               # the fixed-sequence check
             tok, model = scope.load_tokenizer(str(student), "student"), scope.load_model(str(student), "student", "float32",
                                                                                     "cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +155,29 @@ def vllm_checks(dry, work):
         for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(k, None)
     return out
+
+
+def teardown_while_asleep(dry, work, student, teacher):
+    """Sleep, close, build a second engine, generate: closing an engine that sleeps must leave the next one working
+    (vllm_engine.close_engine wakes it first and checks the allocator). Needs sleep mode (a GPU)."""
+    import vllm_engine
+    from vllm.platforms import current_platform
+    if not current_platform.is_sleep_mode_available():
+        return {"FAIL": "cannot run here: this platform has no sleep mode (a GPU with vllm runs it)"}
+    try:
+        args = tiny_args(dry, work, student, teacher, "teardown", rollout_engine="vllm", vllm_gpu_memory=0.2)
+        first = vllm_engine.VLLMRollouts(args, str(student))            # built asleep
+        asleep = vllm_engine._ENGINE.get("asleep")
+        vllm_engine.close_engine()
+        held = vllm_engine.allocator_bytes()
+        second = vllm_engine.VLLMRollouts(dataclasses.replace(args, max_new_tokens=40), str(student))   # a new engine
+        tok = scope.load_tokenizer(str(student), "student")
+        model = scope.load_model(str(student), "student", "float32", "cuda")
+        b = second.generate(model, tok, [scope.prompt_text(tok, "1+2=?")], 2, [1], torch.device("cuda"))
+        return {"asleep_when_closed": bool(asleep), "allocator_bytes_after_close": held, "second_engine_built":
+                second.llm is not first.llm, "generated_tokens": int(b["response_mask"].sum())}
+    except Exception as e:
+        return {"FAIL": f"{type(e).__name__}: {e}"[:2000]}
 
 
 class RandomPrompts:
@@ -214,6 +240,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: bookkeeping only")
     p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--parts", default="abc", help="which of the checks (a), (b), (c) to run")
     a = p.parse_args()
     cuda = torch.cuda.is_available() and not a.dry_run
     if not cuda and not a.dry_run:
@@ -227,11 +254,16 @@ def main():
     t0 = time.time()
     has_vllm = importlib.util.find_spec("vllm") is not None
     with tempfile.TemporaryDirectory() as work:
-        report["a_tiny_pipeline"] = tiny_pipeline(a.dry_run, Path(work))
+        report["a_tiny_pipeline"] = tiny_pipeline(a.dry_run, Path(work)) if "a" in a.parts else {}
     report["b_paper_shaped"] = {str(n): paper_shaped_step(a.dry_run, device, n) for n in ((16, 32) if a.dry_run
-                                                                                            else (4096, 8192))}
+                                                                                            else (4096, 8192))
+                                if "b" in a.parts}
     with tempfile.TemporaryDirectory() as work:
-        report["c_vllm"] = {"importable": has_vllm, **(vllm_checks(a.dry_run, Path(work)) if has_vllm else {})}
+        report["c_vllm"] = {} if "c" not in a.parts else {"importable": has_vllm, **(
+            vllm_checks(a.dry_run, Path(work)) if has_vllm else
+            {"FAIL": "vllm is not installed: the vLLM part needs a machine with vllm installed"})}
+        if has_vllm and not cuda and "c" in a.parts:
+            report["c_vllm"]["scope-vllm-fp8"] = {"FAIL": "cannot run here: fp8 needs a GPU"}
     report["seconds"] = round(time.time() - t0, 1)
     Path(a.out).write_text(json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in ("date", "torch", "cuda", "device", "transformers")}))
@@ -243,10 +275,16 @@ def main():
         cells = ", ".join(f"{k} {v['seconds']} s" + (f" / {v['peak_gib']} GiB" if v["peak_gib"] is not None else "")
                           for k, v in r["phases"].items())
         print(f"| (b) {n} new tokens, {r['response_tokens']} response tokens | {cells} |")
+    fails = []
     for k, v in report["c_vllm"].items():
-        print(f"| (c) vllm {k} | " + (f"{v['seconds']} s, sampler gap per step {v['sampler_gap']}" if isinstance(v, dict)
-                                      and "seconds" in v else json.dumps(v)) + " |")
+        bad = v.get("FAIL") or v.get("error") if isinstance(v, dict) else (v if k == "FAIL" else None)
+        fails += [k] if bad else []
+        print(f"| (c) vllm {k} | " + (f"FAIL: {bad}" if bad else f"{v['seconds']} s, sampler gap per step "
+              f"{v['sampler_gap']}" if isinstance(v, dict) and "seconds" in v else json.dumps(v)) + " |")
+    fails += [m for m, r in report["a_tiny_pipeline"].items() if "error" in r]
     print(f"total {report['seconds']} s; report: {a.out}")
+    print(f"summary: {len(fails)} part(s) FAIL ({', '.join(fails)})" if fails else "summary: every part ran",
+          "- the vLLM part (c) needs a machine with vllm installed" if not has_vllm else "")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ STUDENT = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=896
 TEACHER = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                       num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
 SETUPS = {"8 x 80 GB (the paper preset's budgets)": (8, 80, {}),
-          "16 x 40 GB": (16, 40, dict(micro_batch_tokens=16384, score_tokens=16384, rollout_tokens=1 << 19))}
+          "16 x 40 GB": (16, 40, dict(micro_batch_tokens=16384, score_tokens=16384, rollout_tokens=1 << 19,
+                                      vllm_gpu_memory=0.45))}
 
 if __name__ == "__main__":
     paper = scope.resolve({"preset": "paper"})

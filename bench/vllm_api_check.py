@@ -54,6 +54,10 @@ USES = [
     ("vllm/outputs.py", "RequestOutput", "attributes", ["outputs", "prompt_logprobs"]),
     ("vllm/outputs.py", "CompletionOutput", "attributes", ["finish_reason", "token_ids", "logprobs"]),
     ("vllm/logprobs.py", "Logprob", "attributes", ["logprob"]),
+    ("vllm/device_allocator/cumem.py", None, "exports", ["CuMemAllocator", "cumem_available"]),   # close_engine's check
+    ("vllm/device_allocator/cumem.py", "CuMemAllocator", "get_instance", []),
+    ("vllm/device_allocator/cumem.py", "CuMemAllocator", "get_current_usage", []),
+    ("vllm/device_allocator/cumem.py", "CuMemAllocator", "attributes", ["pointer_to_data", "instance"]),
 ]
 
 

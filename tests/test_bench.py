@@ -28,6 +28,21 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert all(0 <= g < 0.02 for run in ("scope-vllm", "opd-vllm") for g in c[run]["sampler_gap"]), c
     assert len(c["fixed_sequences"]) == 3 and all(r["mean"] < 0.02 for r in c["fixed_sequences"]), c
     assert "| (c) vllm engine_reused_by_the_second_run | true |" in res.stdout
+    assert "| (c) vllm teardown_while_asleep | FAIL: cannot run here: this platform has no sleep mode" in res.stdout
+    assert "| (c) vllm scope-vllm-fp8 | FAIL: cannot run here: fp8 needs a GPU |" in res.stdout
+    assert "summary: 2 part(s) FAIL (teardown_while_asleep, scope-vllm-fp8)" in res.stdout
+
+
+def test_gpu_check_without_vllm_says_fail_not_skip(tmp_path):
+    """On a machine without vllm, part (c) prints FAIL and the summary says the vLLM part needs vllm installed."""
+    hide = ("import importlib.util as u, runpy, sys; real = u.find_spec; "
+            "u.find_spec = lambda n, *a: None if n == 'vllm' else real(n, *a); "
+            f"sys.argv = ['gpu_check.py', '--dry-run', '--parts', 'c', '--out', {str(tmp_path / 'r.json')!r}]; "
+            f"runpy.run_path({str(ROOT / 'bench' / 'gpu_check.py')!r}, run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| (c) vllm FAIL | FAIL: vllm is not installed" in res.stdout
+    assert "summary: 1 part(s) FAIL (FAIL) - the vLLM part (c) needs a machine with vllm installed" in res.stdout
 
 
 @pytest.mark.parametrize("path,cls", [("eval/run.py", "VLLMBackend"), ("vllm_engine.py", None)])

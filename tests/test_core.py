@@ -234,6 +234,48 @@ def test_gradient_at_theta_old_matches_spec(batch):
     assert torch.allclose(logp.grad, expected, atol=1e-9)
 
 
+@given(batches(), st.floats(0.5, 3.0), st.integers(0, 2**31 - 1))
+def test_truncated_importance_weights_equal_a_float64_loop(batch, cap, seed):
+    """--rollout-is-cap: each token's weight is min(exp(trainer - sampler), cap) (a float64 loop), 0 on padding, with
+    no gradient; the statistics are those of the uncapped ratios; scope_loss, opd_loss and grpo_loss with those weights
+    equal eq. 6's loop with every token's rho multiplied by its weight, in value and gradient (theta = theta_old)."""
+    gen = torch.Generator().manual_seed(seed)
+    sampler = batch["logp_old"] + 0.3 * torch.randn(batch["logp_old"].shape, generator=gen, dtype=torch.float64)
+    m = batch["mask"]
+    tw, stats = scope.truncated_is_weights(batch["logp_old"], sampler, m, cap)
+    ratios = []
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            r = math.exp(float(batch["logp_old"][i, j]) - float(sampler[i, j])) if m[i, j] else None
+            assert tw[i, j] == (min(r, cap) if r is not None else 0.0) or math.isclose(tw[i, j], min(r, cap),
+                                                                                    rel_tol=1e-12)
+            ratios += [] if r is None else [r]
+    assert math.isclose(stats["sum"], sum(ratios), rel_tol=1e-9) and stats["tokens"] == len(ratios)
+    assert stats["capped"] == sum(r > cap for r in ratios) and (not ratios or math.isclose(stats["max"], max(ratios)))
+    logp = batch["logp_old"].clone().requires_grad_(True)
+    w = weights_of(batch)
+    loss, _ = scope.scope_loss(logp, batch["logp_old"], batch["logp_teacher"], m, batch["rewards"], w,
+                               batch["group_ids"], agg="paper", token_weights=tw)
+    loss.backward()
+    n_prompts = len(set(batch["group_ids"].tolist()))
+    r = batch["rewards"][:, None].double()
+    expected = w[:, None] * tw * (-r + (1 - r) * (batch["logp_old"] - batch["logp_teacher"])) * m / n_prompts
+    assert torch.allclose(logp.grad, expected, atol=1e-9)
+    per_prompt = {}                                                 # eq. 6's loop with rho_t -> rho_t * tw_t
+    for i in range(len(w)):
+        toks = [t for t in range(m.shape[1]) if m[i, t] > 0]
+        term = -sum(float(tw[i, t]) for t in toks) if batch["rewards"][i] == 1 else sum(
+            float(tw[i, t]) * (float(batch["logp_old"][i, t]) - float(batch["logp_teacher"][i, t])) for t in toks)
+        g = int(batch["group_ids"][i])
+        per_prompt[g] = per_prompt.get(g, 0.0) + float(w[i]) * term
+    value = sum(per_prompt.values()) / len(per_prompt)
+    assert math.isclose(loss.item(), value, rel_tol=1e-9, abs_tol=1e-9)
+    adv = scope.grpo_advantages(batch["rewards"], batch["group_ids"]).double()
+    logp.grad = None
+    scope.grpo_loss(logp, batch["logp_old"], batch["logp_old"], m, adv, token_weights=tw)[0].backward()
+    assert torch.allclose(logp.grad, -adv[:, None] * tw * m / max(float(m.sum()), 1.0), atol=1e-9)   # KL 0 at s = ref
+
+
 def split_grads(batch, splits, agg, method="scope"):
     """Gradient of the summed losses of the given row-splits, each normalised by the GLOBAL counts."""
     logp = loss_inputs(batch)

@@ -156,3 +156,59 @@ def test_help_of_every_entry_point(argv, flag):
     """--help works everywhere (reproduce.py's crashed on a % in a docstring until 2026-11-30)."""
     res = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and flag in res.stdout, res.stderr[-2000:]
+
+
+def test_a_bad_data_file_fails_in_seconds_before_the_tiny_models_are_built(tmp_path):
+    """A fresh clone's `python scope.py --data empty.jsonl` (no models named, an empty model cache): the data is read
+    and refused before the embedded default would spend minutes building the tiny models; nothing is built."""
+    import time
+    (tmp_path / "empty.jsonl").write_text("")
+    t0 = time.time()
+    code, err = cli_run(["scope.py", "--data", str(tmp_path / "empty.jsonl"), "--cache-dir", str(tmp_path / "cache"),
+                         "--out-dir", str(tmp_path / "out")])
+    assert code == 1 and "empty.jsonl" in err and "no problems" in err and time.time() - t0 < 30, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_one_run_per_output_directory_and_kill_9_leaves_it_free(micro_models, tmp_path):
+    """Two real processes: while a run trains into a directory, a second run into it stops at once naming the first
+    one's pid (and changes nothing there); after a kill -9 of the first (no lock file left behind: the kernel drops
+    the flock with the process), a rerun with --resume proceeds from its checkpoint."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "scope.py", *cli(micro_models, out, ["--steps", "400", "--save-every",
+                                                                                  "1"])],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint" / "state.json").exists():
+            assert first.poll() is None and time.time() < deadline, "the first run did not reach a checkpoint"
+            time.sleep(0.2)
+        code, err = cli_run(["scope.py", *cli(micro_models, out, ["--steps", "400", "--resume"])])
+        assert code == 1 and f"in use by a live run (pid {first.pid})" in err and "Traceback" not in err, err
+        assert first.poll() is None                                     # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert not [p for p in out.iterdir() if "lock" in p.name]
+    done = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    code, err = cli_run(["scope.py", *cli(micro_models, out, ["--steps", str(done + 1), "--resume"])])
+    assert code == 0, err
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == done + 1
+
+
+def test_a_layout_the_memory_plan_says_will_not_fit_stops_before_loading(micro_models, tmp_path, monkeypatch):
+    """On a CPU the plan compares itself with the RAM the machine has available; a layout predicted not to fit stops
+    every rank with the plan's verdict before any model is loaded (--memory-check false only prints it)."""
+    import loading
+    import memory
+    monkeypatch.setattr(memory, "available_ram_gib", lambda: 0.5)          # a machine with 0.5 GiB free
+    loaded = []
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loaded.append(a) or pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit, match="the memory plan above says this layout does not fit: nothing was loaded"):
+        scope.train(run_args(micro_models, tmp_path / "run"))
+    assert not loaded and not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    scope.train(run_args(micro_models, tmp_path / "run2", steps=1, memory_check=False))   # fits here anyway

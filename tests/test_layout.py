@@ -130,7 +130,8 @@ def test_the_loss_part_runs_alone_and_equals_scope(tmp_path):
     (tmp_path / "part" / "scope_loss_part.py").write_text(text)
     cases = {f"{agg}/{norm}/{s}/{t}": random_batch(i) for i, (agg, norm, s, t) in enumerate(
         [("paper", "sum", "paper", "paper"), ("token", "mean", "reversed", "paper"), ("paper", "mean", "uniform",
-                                                                                      "reversed")])}
+                                                                                      "reversed"),
+         ("official-microbatch", "mean", "reversed", "paper")])}
     torch.save(cases, tmp_path / "cases.pt")
     res = subprocess.run([sys.executable, "-I", "-c", LOSS_CHECK, str(tmp_path / "part"), str(tmp_path / "cases.pt")],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
@@ -142,8 +143,9 @@ def test_the_loss_part_runs_alone_and_equals_scope(tmp_path):
                                 student, teacher)
         counts = scope.batch_counts(b["mask"], b["rewards"], b["group_ids"], group_size=6)
         logp = b["logp"].clone().requires_grad_()
-        loss, _ = scope.scope_loss(logp, b["logp_old"], b["logp_teacher"], b["mask"], b["rewards"], w, b["group_ids"],
-                                   agg, counts)
+        loss = sum(scope.scope_loss(logp[r], b["logp_old"][r], b["logp_teacher"][r], b["mask"][r], b["rewards"][r],
+                                    w[r], b["group_ids"][r], agg, counts)[0]
+                   for r in (slice(0, 7), slice(7, 20), slice(20, 30)))   # the same micro-batches
         loss.backward()
         assert torch.equal(torch.tensor(got[key]["w"], dtype=w.dtype), w)
         assert got[key]["loss"] == pytest.approx(float(loss), rel=1e-12, abs=1e-12)

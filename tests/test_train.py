@@ -370,7 +370,7 @@ def test_micro_batches_respect_the_budget_and_a_requested_count():
 
 def test_every_collective_goes_through_the_device_helper():
     """Contract: in scope.py, the modules beside it and reproduce.py, every torch.distributed collective on data is
-    inside scope.py's all_reduce (and barrier, which takes no tensor). This proves the routing; that the helper puts its tensor on the loop's device is
+    inside runtime.py's all_reduce (and barrier, which takes no tensor). This proves the routing; that the helper puts its tensor on the loop's device is
     the next test. Neither proves NCCL itself runs: no GPU here."""
     import ast
     collectives = {"all_reduce", "broadcast", "all_gather", "all_gather_object", "reduce_scatter", "gather",
@@ -384,7 +384,7 @@ def test_every_collective_goes_through_the_device_helper():
                 if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                         and node.func.attr in collectives and isinstance(node.func.value, ast.Name)
                         and node.func.value.id == "dist"):
-                    assert path.name == "scope.py" and fn.name == "all_reduce", f"{path.name}:{node.lineno} {fn.name}"
+                    assert path.name == "runtime.py" and fn.name == "all_reduce", f"{path.name}:{node.lineno} {fn.name}"
 
 
 def test_all_reduce_helper_puts_the_tensor_on_the_loop_device(monkeypatch):
@@ -448,3 +448,12 @@ def test_rollouts_in_kv_budget_chunks_equal_one_generate_call(micro_models):
         assert torch.equal(one[k], chunked[k][:, :w] if w else chunked[k]), k
     m = one["response_mask"].bool()
     assert torch.allclose(one["logp_sampler"][m], chunked["logp_sampler"][:, :m.shape[1]][m], atol=1e-5)
+
+
+def test_grpo_reference_is_scored_at_the_students_temperature(micro_models, tmp_path):
+    """--logprob-temperature sampling scores the student at the sampling temperature; the GRPO reference (the initial
+    student) is scored at the same one, so the KL to it is 0 at step 0 (it was 0.0048 per token with the reference at
+    T = 1)."""
+    scope.train(run_args(micro_models, tmp_path, method="grpo", steps=1, temperature=0.6,
+                         logprob_temperature="sampling"))
+    assert read_metrics(tmp_path)[0]["kl/ref_k3"] < 1e-6
