@@ -13,8 +13,12 @@ points). Quartiles are taken over all incorrect rollouts (pooled) and within eac
 and perplexity); intervals come from a bootstrap that resamples problems, keeping all rollouts and cuts of a problem
 together (they are not independent).
 
-The study: differences between methods paired by build, training seed and problem; a hierarchical bootstrap resamples
-builds, then seeds within a build, then problems within each level.
+The study: differences between methods paired by build, training seed and problem. Intervals (study_interval) take
+the top level of the design as the unit: the builds when there are several (each build's mean over its seeds and
+problems), else the seeds of the one build; a t-interval on units - 1 degrees of freedom, and the smallest detectable
+difference (t_0.975 + t_0.80) standard errors (80% power, two-sided 5%) from the same standard error. Its coverage is
+checked on planted data (tests/test_reproduce.py; bench/interval_coverage.py). The every-level bootstrap it replaces
+(hierarchical, kept for that comparison) counted the seed variance about twice and the build level too little.
 """
 import argparse
 import json
@@ -234,8 +238,56 @@ def within_md(result):
 # ----------------------------------------------------------------------------------------------------
 # the study: paired differences over builds, seeds and problems
 # ----------------------------------------------------------------------------------------------------
+def t_quantile(p, df, _cache={}):
+    """The p-quantile (p >= 0.5) of Student's t with df degrees of freedom, without scipy: the density integrated by
+    Simpson's rule, then bisection (checked against tabulated values to 1e-6 in the tests)."""
+    if (p, df) not in _cache:
+        c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+        def cdf(x, n=4000):                                              # P(T <= x), x >= 0
+            f = c * (1 + np.linspace(0.0, x, n + 1) ** 2 / df) ** (-(df + 1) / 2)
+            return 0.5 + x / n / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+        lo, hi = 0.0, 1.0
+        while cdf(hi) < p:
+            hi *= 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+        _cache[(p, df)] = (lo + hi) / 2
+    return _cache[(p, df)]
+
+
+def t_interval(units, level=0.95, power=0.8):
+    """Mean of independent top-level units with a t-interval on len - 1 degrees of freedom, the standard error, and
+    the smallest difference the design detects with `power` at two-sided 1 - level: (t_{1-a/2} + t_power) x se.
+    -> (mean, low, high, se, smallest detectable, units); NaN spread with one unit."""
+    u = np.asarray(units, dtype=np.float64)
+    if len(u) < 2:
+        return float(u.mean()), math.nan, math.nan, math.nan, math.nan, len(u)
+    se, df = float(u.std(ddof=1) / math.sqrt(len(u))), len(u) - 1
+    half = t_quantile(1 - (1 - level) / 2, df) * se
+    return float(u.mean()), float(u.mean()) - half, float(u.mean()) + half, se, half + t_quantile(power, df) * se, len(u)
+
+
+def seed_macros(keys, m, bench_names):
+    """(seeds,) macro averages of one build's (seeds, problems) differences: per seed, the mean over levels of the
+    mean over that level's problems."""
+    groups = [np.array([i for i, k in enumerate(keys) if k[0] == b]) for b in bench_names]
+    return np.mean([m[:, g].mean(1) for g in groups if len(g)], axis=0)
+
+
+def study_interval(builds, bench_names):
+    """builds: [(keys, (seeds, problems) differences)], one entry per build. The top level is the unit: each build's
+    mean over its seeds when there are several builds, else the seeds of the one build. -> t_interval in points."""
+    per_build = [seed_macros(keys, m, bench_names) for keys, m in builds]
+    units = [v.mean() for v in per_build] if len(per_build) > 1 else per_build[0]
+    d, lo, hi, se, mdd, n = t_interval(100 * np.asarray(units))
+    return d, lo, hi, se, mdd, n
+
+
 def hierarchical(builds, bench_names, reps=2000, seed=0):
-    """builds: [(seeds, problems) array of a - b differences, same problem keys in every build] with `keys`.
+    """The every-level bootstrap study_interval replaced (kept for bench/interval_coverage.py's comparison).
+    builds: [(seeds, problems) array of a - b differences, same problem keys in every build] with `keys`.
     -> (difference, 95% low, high, standard error), in points of macro Avg (mean over levels, then over builds, seeds
     and problems). Resampled: builds, then seeds within a build, then problems within each level (shared by the
     seeds of a build, as the problems are the same test problems for every seed)."""

@@ -16,7 +16,9 @@ import runtime
 GIB = 2**30
 VLLM_CPU_KV_BYTES = 256 << 20     # vLLM's CPU build: the fixed KV cache vllm_engine.py gives it
 VLLM_RESERVE_GIB = 2.0            # vLLM on a GPU: its activation peak and CUDA graphs inside its share (an estimate)
-PROCESS_GIB = {"cpu": 0.7, "cpu+vllm": 1.6, "cuda": 0.0}   # CPU RAM of Python + torch + transformers (+ vLLM) itself
+# CPU RAM of each rank's Python + torch + transformers (+ the vLLM CPU engine's runtime) itself: calibrated on
+# bench/paper_shapes.py (docs/measurements.md), where 1.6 left the measured peak 1.3 GiB above the plan on rank 1.
+PROCESS_GIB = {"cpu": 0.7, "cpu+vllm": 2.3}
 
 
 def params(c):
@@ -73,21 +75,25 @@ def memory_plan(args, s, t, world, gpu_gib=0.0, ram_gib=0.0, local_ranks=1):
                                                            peak * GIB}.items()]
     if kv_cache is not None:
         rows += kv_rows(args, s, world, kv_cache)
-    ok = fits(peak, gpu_gib, ram_gib, local_ranks)
+    gather = 12 * ps / GIB                          # save_checkpoint: full fp32 weights + AdamW state on rank 0's CPU
+    rows.append(f"  checkpoint save: rank 0 gathers the full fp32 weights + AdamW state in CPU memory: {gather:.1f} GiB"
+                + (" (on top of every rank's peak: counted below)" if cpu else " (host RAM)"))
+    ok = fits(peak, gpu_gib, ram_gib, local_ranks, gather if cpu else 0.0)
     if gpu_gib:
         rows.append(f"  this GPU has {gpu_gib:.0f} GiB: " + ("fits" if ok else
                     "LIKELY OUT OF MEMORY: lower rollout_tokens / micro_batch_tokens / score_tokens / vllm_gpu_memory"))
     elif cpu:
         rows.append(f"  this machine has {ram_gib:.1f} GiB of RAM available for {local_ranks} rank(s), "
-                    f"{local_ranks * peak:.1f} GiB planned: " + ("fits" if ok else "LIKELY OUT OF MEMORY"))
+                    f"{local_ranks * peak + gather:.1f} GiB planned: " + ("fits" if ok else "LIKELY OUT OF MEMORY"))
     return f"memory plan per rank, {world} ranks (estimate):\n" + "\n".join(rows), peak
 
 
-def fits(peak, gpu_gib=0.0, ram_gib=0.0, local_ranks=1):
-    """The verdict: under 90% of the GPU, or of the RAM the machine's ranks share; True when neither is known."""
+def fits(peak, gpu_gib=0.0, ram_gib=0.0, local_ranks=1, gather=0.0):
+    """The verdict: under 90% of the GPU, or of the RAM the machine's ranks share (with rank 0's checkpoint gather on
+    top); True when neither is known."""
     if gpu_gib:
         return peak < 0.9 * gpu_gib
-    return not ram_gib or local_ranks * peak < 0.9 * ram_gib
+    return not ram_gib or local_ranks * peak + gather < 0.9 * ram_gib
 
 
 def kv_rows(args, s, world, kv_cache):
@@ -121,10 +127,10 @@ def print_plan(args, rt, student_name, teacher_name, say):
         with contextlib.suppress(OSError):
             gpu = torch.cuda.get_device_properties(rt.device).total_memory / GIB if rt.device.type == "cuda" else 0
             ram, local = available_ram_gib() if rt.device.type == "cpu" else 0.0, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            text, peak = memory_plan(args, AutoConfig.from_pretrained(student_name),
-                                     AutoConfig.from_pretrained(teacher_name), rt.world, gpu, ram, local)
+            s = AutoConfig.from_pretrained(student_name)
+            text, peak = memory_plan(args, s, AutoConfig.from_pretrained(teacher_name), rt.world, gpu, ram, local)
             say(text)
-            stop = float(args.memory_check and not fits(peak, gpu, ram, local))
+            stop = float(args.memory_check and not fits(peak, gpu, ram, local, 12 * params(s) / GIB if ram else 0.0))
     if runtime.all_reduce([stop], rt.device)[0]:                       # every rank stops together
         raise SystemExit("the memory plan above says this layout does not fit: nothing was loaded (--memory-check "
                          "false runs it anyway)" if rt.rank == 0 else "the memory plan says this layout does not fit")

@@ -489,11 +489,11 @@ def diffs(out, run_a, run_b, seeds, bench_names, n):
 
 def paired(out, run_a, run_b, seeds, bench_names, n):
     """Macro Avg@n of run_a minus run_b, paired by seed and problem (same data order, sampling and evaluation seeds
-    across methods): (difference, 95% interval low, high, standard error) in points, from a bootstrap that resamples
-    seeds and, within each benchmark, problems (analysis.hierarchical with one build). None when a file is missing."""
+    across methods): (difference, 95% interval low, high, standard error, smallest detectable, seeds) in points, a
+    t-interval over the seeds (analysis.study_interval with one build). None when a file is missing."""
     import analysis
     d = diffs(out, run_a, run_b, seeds, bench_names, n)
-    return None if d is None else analysis.hierarchical([d], bench_names)
+    return None if d is None else analysis.study_interval([d], bench_names)
 
 
 PAIRS = [("scope", "opd"), ("opd", "base"), ("scope", "base"), ("psr", "base")]
@@ -510,9 +510,9 @@ def paired_table(out, res, runs, bench_names, n):
         r = paired(out, a, b, seeds, bench_names, n) if len(seeds) >= 2 else None
         if r is None:
             continue
-        d, lo, hi, se = r
+        d, lo, hi, se, mdd, _ = r
         lines.append(f"| {LABELS.get(a, a).lstrip('+ ')} - {LABELS.get(b, b).lstrip('+ ')} | {len(seeds)} | {d:+.1f} | "
-                     f"[{lo:+.1f}, {hi:+.1f}] | {2.8 * se:.1f} | {'yes' if lo > 0 or hi < 0 else 'no'} |")
+                     f"[{lo:+.1f}, {hi:+.1f}] | {mdd:.1f} | {'yes' if lo > 0 or hi < 0 else 'no'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -557,8 +557,8 @@ COMPARISONS = [("scope", "opd", "SCOPE - OPD"), ("scope-no_teacher_w", "scope", 
 
 
 def study_comparisons(builds, bench_names):
-    """{label: {build: (d, lo, hi, se), "pooled": ...}}: each comparison per build (seeds x problems) and pooled over
-    builds (hierarchical bootstrap: builds, then seeds, then problems)."""
+    """{label: {build: (d, lo, hi, se, smallest detectable, units, seeds), "pooled": ...}}: each comparison per build (a
+    t-interval over its seeds) and pooled over builds (a t-interval over the builds: analysis.study_interval)."""
     import analysis
     table = {}
     for a_run, b_run, label, *rest in COMPARISONS:
@@ -576,13 +576,30 @@ def study_comparisons(builds, bench_names):
                 m = (m[0], m[1] - m2[1]) if m2 is not None and m2[0] == m[0] else None
             if m is None:
                 continue
-            row[b] = (*analysis.hierarchical([m], bench_names), len(seeds))
+            row[b] = (*analysis.study_interval([m], bench_names), len(seeds))
             mats.append(m)
         if len(mats) > 1 and all(m[0] == mats[0][0] for m in mats):
-            row["pooled"] = (*analysis.hierarchical(mats, bench_names), sum(m[1].shape[0] for m in mats))
+            row["pooled"] = (*analysis.study_interval(mats, bench_names), sum(m[1].shape[0] for m in mats))
         if row:
             table[label] = row
     return table
+
+
+PAPER_GAP = 2.9   # SCOPE - OPD in the paper's Table 1, average Avg@32 (55.2 - 52.3)
+
+
+def paper_gap_answer(p):
+    """The study's answer in one sentence: SCOPE - OPD pooled over builds against 0 and against the paper's +2.9."""
+    d, lo, hi, se, smallest, units = p[:6]
+    head = (f"**SCOPE - OPD, pooled over {units} builds: {d:+.1f} points of macro Avg [{lo:+.1f}, {hi:+.1f}] "
+            f"(smallest detectable difference {smallest:.1f}).** ")
+    if lo > 0 or hi < 0:
+        return head + f"It is separated from 0: SCOPE is {'above' if lo > 0 else 'below'} OPD in this testbed."
+    if hi < PAPER_GAP:
+        return head + f"The interval excludes the paper's +{PAPER_GAP}: a gain of the paper's size is not here."
+    return head + (f"Not resolved at this power: the interval holds both 0 and the paper's +{PAPER_GAP}"
+                   + (f", and this design detects only differences of {smallest:.1f} or more." if smallest > PAPER_GAP
+                      else "."))
 
 
 def separated(r):
@@ -617,6 +634,9 @@ def study_report(out, bench_names, md_dir):
     comps = {reg: study_comparisons(builds, bench_names) for reg, builds in regimes.items()}
     recs = {reg: {b: recovery_of(d) for b, d in builds.items()} for reg, builds in regimes.items()}
     lines = ["## What this testbed says (answers from the files below)", ""]
+    pooled = comps.get("default", {}).get("SCOPE - OPD", {}).get("pooled")
+    if pooled:
+        lines += [paper_gap_answer(pooled), ""]
     for reg, builds in regimes.items():
         lines.append(f"- **Regime `{reg}`** ({len(builds)} build{'s' if len(builds) > 1 else ''}"
                      + (", where the premise holds by construction: its teacher saw 2% of the add5 problems, so it is "
@@ -641,10 +661,13 @@ def study_report(out, bench_names, md_dir):
               "A build is one teacher/student pair from the same recipe (tiny_testbed.py), seeded by the build seed "
               "(initialisation, SFT data and order); one build's verdict is one draw of the testbed. Differences are "
               "paired by build, training seed and test problem (every method sees the same data order, rollout seeds "
-              "and evaluation seeds); intervals are 95% bootstrap intervals (2000 resamples) over seeds and, within "
-              "each level, problems, and, pooled, over builds first: with three builds the build level of that "
-              "bootstrap is coarse, so the per-build rows matter as much as the pooled one. The smallest detectable "
-              "difference is 2.8 standard errors (80% power, two-sided 5%).", ""]
+              "and evaluation seeds). Intervals are 95% t-intervals over the top level of the design: per build, over "
+              "its training seeds (each seed's macro average over the whole test split); pooled, over the builds (each "
+              "build's mean over its seeds), on units - 1 degrees of freedom (analysis.study_interval; its coverage on "
+              "planted data is tested and recorded in docs/reproducing.md). The smallest detectable difference is "
+              "(t_0.975 + t_0.80) standard errors on the same degrees of freedom (80% power, two-sided 5%): 5.4 SE "
+              "with 3 units, 3.3 with 8. With 3 seeds a build's own interval is wide; the pooled row is the answer.",
+              ""]
     for reg, builds in regimes.items():
         lines += [f"### Regime `{reg}`", ""]
         for b, d in builds.items():
@@ -683,11 +706,11 @@ def study_report(out, bench_names, md_dir):
                   "| comparison | " + " | ".join(f"build {b}" for b in builds) + " | pooled | smallest detectable "
                   "(pooled) |", "|---" * (len(builds) + 3) + "|"]
         for label, row in comps[reg].items():
-            cells = [f"{row[b][0]:+.1f} [{row[b][1]:+.1f}, {row[b][2]:+.1f}] ({row[b][4]})" if b in row else "-"
+            cells = [f"{row[b][0]:+.1f} [{row[b][1]:+.1f}, {row[b][2]:+.1f}] ({row[b][6]})" if b in row else "-"
                      for b in builds]
             p = row.get("pooled")
             lines.append(f"| {label} | " + " | ".join(cells) + " | "
-                         + (f"{p[0]:+.1f} [{p[1]:+.1f}, {p[2]:+.1f}] | {2.8 * p[3]:.1f} |" if p else "- | - |"))
+                         + (f"{p[0]:+.1f} [{p[1]:+.1f}, {p[2]:+.1f}] | {p[4]:.1f} |" if p else "- | - |"))
         lines += ["", "**What the gradient does** (over every step of every seed; clipped: the step's norm exceeded "
                   "`--grad-clip`):", "", "| build | run | steps | median grad norm | clip | steps clipped | median MLE-"
                   "path norm | median OPD-path norm |", "|---|---|---|---|---|---|---|---|"]
@@ -897,8 +920,9 @@ def write_report(a, out, bench_names):
     lines += ["## Does the paper's ordering hold here?", "", ordering(res, n), ""]
     pt = paired_table(out, res, runs, bench_names, n)
     if pt:
-        lines += ["## Paired differences", "", "Paired by seed and problem, 95% bootstrap intervals over seeds and, "
-                  "within each level, problems; smallest detectable difference 2.8 standard errors.", "", pt, ""]
+        lines += ["## Paired differences", "", "Paired by seed and problem; 95% t-intervals over the seeds (each "
+                  "seed's macro average), smallest detectable difference (t_0.975 + t_0.80) standard errors on the same "
+                  "degrees of freedom (analysis.study_interval).", "", pt, ""]
     if "base" in res:
         lines += ["## Pass@k (paper section 2.1, Fig. 1a)", "", pass_at_k_table(res, n), ""]
     study = study_report(out, bench_names, Path(a.results_md).parent)

@@ -150,9 +150,11 @@ def _normalisers(counts, agg, mask, rewards, weights):
         d_mle = d_opd = counts["prompts"]
     elif agg == "token":   # official code's token-mean (MLE / correct tokens, OPD / all tokens), but global
         d_mle, d_opd = counts["tokens_correct"], counts["tokens"]
-    else:                  # the released actor: token means within THIS micro-batch (MLE over correct rollouts whose
-        tokens = mask.sum(-1)   # weight is above 0, as its mask; + 1e-8 as its masked_mean), times the micro-batch's
-        share = counts["rollouts"] / max(mask.shape[0], 1)   # share of all rollouts (the mean over ranks included)
+    else:  # the released actor (docs/method.md): token means within THIS micro-batch, the MLE's over tokens of correct
+        # rollouts whose weight is above 0 (its mask), each + 1e-8 (its masked_mean), times the micro-batch's share of
+        # all the batch's rollouts (which also averages over ranks)
+        tokens = mask.sum(-1)                                      # (b,)
+        share = counts["rollouts"] / max(mask.shape[0], 1)
         mle_tokens = (tokens * rewards * (weights > 0)).sum()
         return (float(mle_tokens) + 1e-8) * share, (float(tokens.sum()) + 1e-8) * share
     return max(d_mle, 1.0), max(d_opd, 1.0)

@@ -150,6 +150,45 @@ def test_hierarchical_bootstrap_over_builds_finds_a_planted_difference():
     assert lo < min(p[0] for p in per) + 2 and hi > max(p[0] for p in per) - 2 and se > max(p[3] for p in per)
 
 
+def test_t_quantiles_equal_the_tables():
+    import analysis
+    table = {(1, 0.975): 12.7062, (2, 0.975): 4.3027, (2, 0.8): 1.0607, (7, 0.975): 2.3646, (7, 0.8): 0.8960,
+             (23, 0.975): 2.0687, (200, 0.975): 1.9719}
+    for (df, p), want in table.items():
+        assert analysis.t_quantile(p, df) == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("builds", [3, 8])
+def test_the_study_interval_covers_a_planted_mean_93_to_97_percent(builds):
+    """1,000 studies simulated from the nested model (a build variance of 3 points^2; seeds within builds 17.9;
+    problems shared by every run 5; per-problem noise 540, as fitted on the committed study; 3 seeds, 32 problems in
+    each of 4 levels) with a planted SCOPE - OPD of +1 point: the 95% t-interval over builds covers it 93-97% of the
+    time, at 3 builds and at 8 (bench/interval_coverage.py measures more settings and the old bootstrap)."""
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    import interval_coverage
+    cov, half, smallest = interval_coverage.coverage(1000, builds, 3, 32, 1.0, 3.0, "t")
+    assert 0.93 <= cov <= 0.97, cov
+    assert smallest > half                                          # (t_.975 + t_.80) se > t_.975 se
+
+
+def test_study_interval_takes_builds_as_the_unit():
+    """Builds that agree exactly give their common difference with a zero-width interval; builds whose means differ
+    give the t-interval of those means on builds - 1 degrees of freedom, whatever the seeds inside them say."""
+    import numpy as np
+    import analysis
+    keys = [("x", i) for i in range(50)] + [("y", i) for i in range(50)]
+    same = [(keys, np.full((3, 100), 0.1)) for _ in range(3)]
+    assert analysis.study_interval(same, ["x", "y"])[:4] == pytest.approx((10.0, 10.0, 10.0, 0.0))
+    rng = np.random.default_rng(0)
+    builds = [(keys, shift + rng.normal(0, 0.3, (3, 100))) for shift in (-0.05, 0.0, 0.2)]
+    means = [100 * analysis.seed_macros(k, m, ["x", "y"]).mean() for k, m in builds]
+    d, lo, hi, se, smallest, units = analysis.study_interval(builds, ["x", "y"])
+    assert d == pytest.approx(np.mean(means)) and se == pytest.approx(np.std(means, ddof=1) / 3 ** 0.5)
+    assert hi - d == pytest.approx(4.302653 * se, rel=1e-5) and units == 3
+    assert smallest == pytest.approx((4.302653 + 1.060660) * se, rel=1e-5)
+
+
 def test_recovery_summary_per_cut_and_within_level():
     """summarize_recovery: recovery that falls with teacher perplexity gives Q1 - Q4 > 0 at every cut, pooled and
     within levels; recovery that does not depend on perplexity gives exactly 0 with a zero-width interval."""
@@ -191,8 +230,8 @@ def test_paired_bootstrap_finds_a_planted_difference(tmp_path):
             d.mkdir(parents=True)
             (d / "x.samples.jsonl").write_text("\n".join(rows["b" if run == "c" else run]) + "\n")
     assert reproduce.paired(tmp_path, "c", "b", list(range(5)), ["x"], 2)[:3] == (0.0, 0.0, 0.0)
-    d, lo, hi, se = reproduce.paired(tmp_path, "a", "b", list(range(5)), ["x"], 2)
-    assert abs(d - 100 * sum(planted) / len(planted)) < 1e-9 and 0 < lo <= d <= hi and se > 0
+    d, lo, hi, se, smallest, units = reproduce.paired(tmp_path, "a", "b", list(range(5)), ["x"], 2)
+    assert abs(d - 100 * sum(planted) / len(planted)) < 1e-9 and 0 < lo <= d <= hi and se > 0 and units == 5
 
 
 def test_clipping_arm_difference_of_differences_and_its_answer(tmp_path):
