@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-pip() { "$PY" -m pip --disable-pip-version-check --root-user-action=ignore "$@"; }
+export PIP_ROOT_USER_ACTION=ignore        # root in containers and CI: no warning about it
+pip() { "$PY" -m pip --disable-pip-version-check "$@"; }
 if [[ "${1:-}" == "--gpu" ]]; then
   pip install -q -r requirements-gpu.txt -r requirements-examples.txt
 else

@@ -444,12 +444,12 @@ def shared_prompt_logprobs(model, batch, groups, temperature=1.0):
     through the repeated cache into the one prompt pass). -> (B, T) fp32."""
     new = torch.ones_like(groups, dtype=torch.bool)
     new[1:] = groups[1:] != groups[:-1]
-    first, rows = new.nonzero().squeeze(1), new.long().cumsum(0) - 1             # (G,) first row, (B,) its prompt
+    first, prompt_of = new.nonzero().squeeze(1), new.long().cumsum(0) - 1        # (G,) first row, (B,) its prompt
     p_ids, p_mask, resp = batch["prompt_ids"][first], batch["prompt_mask"][first], batch["response_ids"]
-    out = model_logprobs(model, resp[:, :1], temperature, rows, input_ids=p_ids, attention_mask=p_mask,
+    out = model_logprobs(model, resp[:, :1], temperature, prompt_of, input_ids=p_ids, attention_mask=p_mask,
                          position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values         # transformers >= 5.21 / older 5.x
-    cache.batch_select_indices(rows)                                             # (B) rows of prompt KV
+    cache.batch_select_indices(prompt_of)                                        # (B) rows of prompt KV
     attn = torch.cat([batch["prompt_mask"], batch["response_mask"]], 1)          # (B, P+T)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, p_ids.shape[1]:]                 # (B, T)
     kw = {"cache" if hasattr(out, "cache") else "past_key_values": cache}
