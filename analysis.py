@@ -285,6 +285,21 @@ def study_interval(builds, bench_names):
     return d, lo, hi, se, mdd, n
 
 
+def variance_components(builds, bench_names):
+    """Method-of-moments estimates, in points^2, from each build's per-seed macro differences: the variance of a seed's
+    macro difference within a build (its seed effect plus its evaluation's sampling noise), and the build variance
+    (the variance of the build means less what the seeds put into them; may come out below 0 when it is near 0).
+    -> (seeds within a build, builds, builds used)."""
+    per_build = [100 * seed_macros(keys, m, bench_names) for keys, m in builds]
+    per_build = [v for v in per_build if len(v) > 1]
+    if len(per_build) < 2:
+        return math.nan, math.nan, len(per_build)
+    within = float(np.mean([v.var(ddof=1) for v in per_build]))
+    seeds = float(np.mean([len(v) for v in per_build]))
+    between = float(np.var([v.mean() for v in per_build], ddof=1)) - within / seeds
+    return within, between, len(per_build)
+
+
 def hierarchical(builds, bench_names, reps=2000, seed=0):
     """The every-level bootstrap study_interval replaced (kept for bench/interval_coverage.py's comparison).
     builds: [(seeds, problems) array of a - b differences, same problem keys in every build] with `keys`.

@@ -528,10 +528,11 @@ def pass_at_k_table(res, n):
 
 
 def study_dirs(out):
-    """{regime: {build seed: directory}} of the study under <out>/study/<regime>/build<seed>/."""
+    """{regime: {build seed: directory}} of the study under <out>/study/<regime>/build<seed>/, in build order. A build
+    whose runs are still being made (no finished invocation in invocations.jsonl yet) is left out of the report."""
     found = {}
-    for d in sorted((out / "study").glob("*/build*")):
-        if (d / "runs").exists() or (d / "analysis").exists():
+    for d in sorted((out / "study").glob("*/build*"), key=lambda d: (d.parent.name, int(d.name.removeprefix("build")))):
+        if (d / "invocations.jsonl").exists() or ((d / "analysis").exists() and not (d / "runs").exists()):
             found.setdefault(d.parent.name, {})[int(d.name.removeprefix("build"))] = d
     return found
 
@@ -585,6 +586,19 @@ def study_comparisons(builds, bench_names):
     return table
 
 
+def study_variances(builds, bench_names):
+    """analysis.variance_components of SCOPE - OPD over the builds of one regime (the seeds both runs have)."""
+    import analysis
+    mats = []
+    for d in builds.values():
+        res = load_results(d)
+        seeds = sorted(set(res.get("scope", {})) & set(res.get("opd", {})))
+        m = diffs(d, "scope", "opd", seeds, bench_names, next(iter(res["scope"].values()))["config"]["n"]) \
+            if seeds else None
+        mats += [m] if m is not None else []
+    return analysis.variance_components(mats, bench_names)
+
+
 PAPER_GAP = 2.9   # SCOPE - OPD in the paper's Table 1, average Avg@32 (55.2 - 52.3)
 
 
@@ -636,7 +650,9 @@ def study_report(out, bench_names, md_dir):
     lines = ["## What this testbed says (answers from the files below)", ""]
     pooled = comps.get("default", {}).get("SCOPE - OPD", {}).get("pooled")
     if pooled:
-        lines += [paper_gap_answer(pooled), ""]
+        within, between, n = study_variances(regimes["default"], bench_names)
+        lines += [paper_gap_answer(pooled) + f" Variance components of SCOPE - OPD over these {n} builds (points^2, "
+                  f"method of moments): seeds within a build {within:.1f}, builds {between:+.1f}.", ""]
     for reg, builds in regimes.items():
         lines.append(f"- **Regime `{reg}`** ({len(builds)} build{'s' if len(builds) > 1 else ''}"
                      + (", where the premise holds by construction: its teacher saw 2% of the add5 problems, so it is "

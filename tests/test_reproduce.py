@@ -189,6 +189,19 @@ def test_study_interval_takes_builds_as_the_unit():
     assert smallest == pytest.approx((4.302653 + 1.060660) * se, rel=1e-5)
 
 
+def test_variance_components_recover_planted_ones():
+    """The method-of-moments fit on 400 simulated builds of 3 seeds recovers the planted seed-level variance (seed
+    effect + sampling noise of a seed's mean) and build variance within a few percent."""
+    import sys
+    import numpy as np
+    import analysis
+    sys.path.insert(0, str(ROOT / "bench"))
+    import interval_coverage
+    study = interval_coverage.planted_study(np.random.default_rng(0), 400, 3, 32, 1.0, 9.0)
+    within, between, n = analysis.variance_components(study, interval_coverage.LEVELS)
+    assert n == 400 and within == pytest.approx(17.9 + 540 / 128, rel=0.08) and between == pytest.approx(9.0, rel=0.25)
+
+
 def test_recovery_summary_per_cut_and_within_level():
     """summarize_recovery: recovery that falls with teacher perplexity gives Q1 - Q4 > 0 at every cut, pooled and
     within levels; recovery that does not depend on perplexity gives exactly 0 with a zero-width interval."""
