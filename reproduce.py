@@ -608,7 +608,8 @@ def paper_gap_answer(p):
     head = (f"**SCOPE - OPD, pooled over {units} builds: {d:+.1f} points of macro Avg [{lo:+.1f}, {hi:+.1f}] "
             f"(smallest detectable difference {smallest:.1f}).** ")
     if lo > 0 or hi < 0:
-        return head + f"It is separated from 0: SCOPE is {'above' if lo > 0 else 'below'} OPD in this testbed."
+        return head + (f"It is separated from 0: SCOPE is {'above' if lo > 0 else 'below'} OPD in this testbed"
+                       + (f", and the interval excludes the paper's +{PAPER_GAP}." if hi < PAPER_GAP else "."))
     if hi < PAPER_GAP:
         return head + f"The interval excludes the paper's +{PAPER_GAP}: a gain of the paper's size is not here."
     return head + (f"Not resolved at this power: the interval holds both 0 and the paper's +{PAPER_GAP}"
@@ -652,7 +653,8 @@ def study_report(out, bench_names, md_dir):
     if pooled:
         within, between, n = study_variances(regimes["default"], bench_names)
         lines += [paper_gap_answer(pooled) + f" Variance components of SCOPE - OPD over these {n} builds (points^2, "
-                  f"method of moments): seeds within a build {within:.1f}, builds {between:+.1f}.", ""]
+                  f"method of moments): seeds within a build {within:.1f}, builds {between:+.1f}"
+                  + (" (below 0: the builds differ no more than their seeds predict)." if between <= 0 else "."), ""]
     for reg, builds in regimes.items():
         lines.append(f"- **Regime `{reg}`** ({len(builds)} build{'s' if len(builds) > 1 else ''}"
                      + (", where the premise holds by construction: its teacher saw 2% of the add5 problems, so it is "

@@ -202,6 +202,19 @@ def test_variance_components_recover_planted_ones():
     assert n == 400 and within == pytest.approx(17.9 + 540 / 128, rel=0.08) and between == pytest.approx(9.0, rel=0.25)
 
 
+
+def test_paper_gap_answer_names_each_outcome():
+    """The report's one-sentence answer: separated from 0 (and whether the paper's +2.9 is excluded), only +2.9
+    excluded, or unresolved (naming a design too weak to see +2.9). (d, lo, hi, se, smallest, units)"""
+    below = reproduce.paper_gap_answer((-0.9, -1.6, -0.2, 0.3, 1.0, 12))
+    assert "pooled over 12 builds: -0.9" in below and "below OPD" in below and "excludes the paper's +2.9" in below
+    above = reproduce.paper_gap_answer((3.5, 1.0, 6.0, 1.2, 4.0, 8))
+    assert "above OPD" in above and "excludes" not in above
+    assert "excludes the paper's +2.9" in reproduce.paper_gap_answer((-0.8, -2.4, 0.7, 0.7, 2.1, 6))
+    weak = reproduce.paper_gap_answer((0.5, -3.0, 4.0, 1.6, 5.0, 3))
+    assert "Not resolved" in weak and "only differences of 5.0" in weak
+    assert "only differences" not in reproduce.paper_gap_answer((0.5, -1.0, 3.0, 0.9, 2.0, 10))
+
 def test_recovery_summary_per_cut_and_within_level():
     """summarize_recovery: recovery that falls with teacher perplexity gives Q1 - Q4 > 0 at every cut, pooled and
     within levels; recovery that does not depend on perplexity gives exactly 0 with a zero-width interval."""
