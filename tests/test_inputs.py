@@ -171,8 +171,8 @@ def test_a_bad_data_file_fails_in_seconds_before_the_tiny_models_are_built(tmp_p
 
 
 def test_one_run_per_output_directory_and_kill_9_leaves_it_free(micro_models, tmp_path):
-    """Two real processes: while a run trains into a directory, a second run into it stops at once naming the first
-    one's pid (and changes nothing there); after a kill -9 of the first (no lock file left behind: the kernel drops
+    """Real processes: while a run trains into a directory, a second run into it, and a second torchrun group of 2
+    ranks, stop at once naming the first one's pid (and change nothing there); after a kill -9 of the first (no lock file left behind: the kernel drops
     the flock with the process), a rerun with --resume proceeds from its checkpoint."""
     import signal
     import time
@@ -188,7 +188,12 @@ def test_one_run_per_output_directory_and_kill_9_leaves_it_free(micro_models, tm
             time.sleep(0.2)
         code, err = cli_run(["scope.py", *cli(micro_models, out, ["--steps", "400", "--resume"])])
         assert code == 1 and f"in use by a live run (pid {first.pid})" in err and "Traceback" not in err, err
-        assert first.poll() is None                                     # the first run goes on
+        group = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port",
+                                "29641", "scope.py", *cli(micro_models, out, ["--steps", "400", "--resume"])],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))   # a second torchrun group: every rank stops
+        assert group.returncode != 0 and f"in use by a live run (pid {first.pid})" in group.stderr, group.stderr[-3000:]
+        assert "see rank 0" in group.stderr and first.poll() is None    # the first run goes on
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
