@@ -172,8 +172,9 @@ def test_a_bad_data_file_fails_in_seconds_before_the_tiny_models_are_built(tmp_p
 
 def test_one_run_per_output_directory_and_kill_9_leaves_it_free(micro_models, tmp_path):
     """Real processes: while a run trains into a directory, a second run into it, and a second torchrun group of 2
-    ranks, stop at once naming the first one's pid (and change nothing there); after a kill -9 of the first (no lock file left behind: the kernel drops
-    the flock with the process), a rerun with --resume proceeds from its checkpoint."""
+    ranks, stop at once naming the first one's pid (and change nothing there); after a kill -9 of the first (no lock
+    file left behind: the kernel drops the flock with the process), a rerun with --resume proceeds from its
+    checkpoint."""
     import signal
     import time
     out = tmp_path / "run"

@@ -202,7 +202,6 @@ def test_variance_components_recover_planted_ones():
     assert n == 400 and within == pytest.approx(17.9 + 540 / 128, rel=0.08) and between == pytest.approx(9.0, rel=0.25)
 
 
-
 def test_paper_gap_answer_names_each_outcome():
     """The report's one-sentence answer: separated from 0 (and whether the paper's +2.9 is excluded), only +2.9
     excluded, or unresolved (naming a design too weak to see +2.9). (d, lo, hi, se, smallest, units)"""
@@ -214,6 +213,7 @@ def test_paper_gap_answer_names_each_outcome():
     weak = reproduce.paper_gap_answer((0.5, -3.0, 4.0, 1.6, 5.0, 3))
     assert "Not resolved" in weak and "only differences of 5.0" in weak
     assert "only differences" not in reproduce.paper_gap_answer((0.5, -1.0, 3.0, 0.9, 2.0, 10))
+
 
 def test_recovery_summary_per_cut_and_within_level():
     """summarize_recovery: recovery that falls with teacher perplexity gives Q1 - Q4 > 0 at every cut, pooled and
