@@ -4,7 +4,8 @@ the weight push through vLLM's reload path (after CPU GEMM repacking; tied and u
 completeness check, the stale-weight alarm, the rollout batch layout, one engine per process reused across runs, a
 rebuild that keeps the caller's process group, RNG state across a build, torchrun with 2 ranks, and the evaluation
 backend (SIGKILL and resume with the engine: tests/test_train.py). The CPU build has no sleep mode: the one test of
-the sleep/wake order is a CONTRACT test (named so below); it proves the order of our calls, not what CUDA's sleep mode does with memory (bench/gpu_check.py (c))."""
+the sleep/wake order is a CONTRACT test (named so below); it proves the order of our calls, not what CUDA's sleep
+mode does with memory (bench/gpu_check.py (c))."""
 
 import json
 import os
