@@ -57,7 +57,7 @@ def teacher_ppl(teacher, tok, prompt, ids):
     """exp(mean NLL) of the response tokens ids under the teacher, given the prompt."""
     p = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     batch = dict(prompt_ids=p, prompt_mask=torch.ones_like(p), response_ids=ids[None],
-                 response_mask=torch.ones(1, len(ids), dtype=torch.long))
+                 response_mask=torch.ones(1, len(ids), dtype=torch.long, device=ids.device))
     with torch.inference_mode():
         lp = scope.sequence_logprobs(teacher, batch)                         # (1, T)
     return math.exp(-float(lp.mean()))

@@ -85,14 +85,18 @@ class JsonlProblems:
     is parsed when a step uses it. No rank holds other columns (DeepMath's R1 solutions: 5 GB) or other ranks' rows."""
 
     def __init__(self, files):
-        self.index = []
+        self.index, self.sizes = [], []                               # (file, offset), the problem's UTF-8 bytes
         for f in files:
             with open(f, "rb") as fh:
                 for i, line in enumerate(iter(fh.readline, b""), 1):
-                    if line.strip() and _problem(f, line, i):
+                    if line.strip():
                         self.index.append((f, fh.tell() - len(line)))
+                        self.sizes.append(len(_problem(f, line, i)["problem"].encode()))
         if not self.index:
             raise SystemExit(f"--data: no problems in {', '.join(map(str, files))} (empty)")
+
+    def problem_bytes(self):
+        return self.sizes
 
     def __len__(self):
         return len(self.index)
@@ -131,12 +135,45 @@ def load_problems(data):
     return ds.cast_column("answer", datasets.Value("string"))         # memory-mapped Arrow: rows read on demand
 
 
+class Subset:
+    """rows[keep[k]] as row k: the training problems that are left after drop_long_prompts, in their order."""
+
+    def __init__(self, rows, keep):
+        self.rows, self.keep = rows, keep
+
+    def __len__(self):
+        return len(self.keep)
+
+    def __getitem__(self, k):
+        return self.rows[self.keep[k]]
+
+
+def drop_long_prompts(rows, prompt_tokens, limit, say):
+    """Leave out, and count, the training problems whose prompt has more than `limit` tokens (as verl's
+    filter_overlong_prompts does at load), instead of stopping the run at the step that draws one.
+    prompt_tokens(problem): the prompt's token count. Only problems long enough to come near the limit are tokenized:
+    a prompt has at most (its template's tokens + the problem's UTF-8 bytes + 8) tokens, since a token covers at least
+    one byte of the text. -> rows itself when nothing is left out, else a Subset."""
+    sizes = (rows.problem_bytes() if hasattr(rows, "problem_bytes") else
+             [len(p.encode()) for p in rows["problem"]] if hasattr(rows, "column_names") else
+             [len(r["problem"].encode()) for r in rows])
+    fixed = prompt_tokens("")
+    keep = [k for k, n in enumerate(sizes) if fixed + n + 8 <= limit or prompt_tokens(rows[k]["problem"]) <= limit]
+    if len(keep) == len(sizes):
+        return rows
+    say(f"--max-prompt-tokens {limit}: left out {len(sizes) - len(keep)} of {len(sizes)} training problems whose "
+        "prompt is longer")
+    if not keep:
+        raise SystemExit(f"--max-prompt-tokens {limit}: every training problem's prompt is longer")
+    return Subset(rows, keep)
+
+
 def step_prompts(step, n_rows, per_step, seed):
     """Global prompt indices of a step: epoch-wise permutations of the data, so step s is known without state."""
     out = []
     for j in range(step * per_step, (step + 1) * per_step):
         epoch, pos = divmod(j, n_rows)
-        out.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))[pos].item())
+        out.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch), device="cpu")[pos].item())
     return out
 
 

@@ -55,7 +55,8 @@ def memory_plan(args, s, t, world, gpu_gib=0.0, ram_gib=0.0, local_ranks=1):
     if cpu:
         resident["process: Python, torch, transformers" + (", vLLM" if vllm else "")] = \
             PROCESS_GIB["cpu+vllm" if vllm else "cpu"] * GIB
-    engine_weights = (1 if args.vllm_quantization == "fp8" else 2) * ps
+    # fp8 quantises the linear layers of the decoder (1 byte); the embeddings and the output layer stay bf16
+    engine_weights = (1 if args.vllm_quantization == "fp8" else 2) * (ps - root) + 2 * root
     if not vllm:
         rollouts = ("rollouts: KV cache (rollout_tokens)", args.rollout_tokens * kv_bytes_per_token(s, half))
         kv_cache = None

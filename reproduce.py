@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import cli
+import runtime
 import scope
 import tiny_testbed
 import vllm_engine
@@ -115,6 +116,8 @@ class RArgs:
     seed). Given on the command line, each build gets its own directory <out>/build<seed>/"""
     path_grad_norms: bool = False
     """log the gradient norms of SCOPE's two paths per step (scope.Args.path_grad_norms)"""
+    dist_timeout: float = 3600.0
+    """torchrun: seconds a collective waits for the slowest rank (scope.Args.dist_timeout)"""
     rollout_engine: str = ""
     """training rollouts: hf or vllm (empty: the preset's, hf for tiny, vllm for paper); one engine per process, reused
     by every run"""
@@ -248,7 +251,7 @@ def run(argv=None):
     import torch.distributed as dist
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:                                           # one process group for every training run
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        runtime.init_group(a.dist_timeout)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -270,19 +273,22 @@ def run(argv=None):
             d.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     phases = [] if a.report_only else [(b, r, s) for b in outs for s in seeds for r in runs]
-    for done, (b, run, seed) in enumerate(phases):
-        elapsed = time.time() - t_start
-        eta = elapsed / done * (len(phases) - done) if done else float("nan")
-        say(f"[{done + 1}/{len(phases)}] {run} seed {seed}" + (f" build {b}" if per_build else "") + f": elapsed "
-            f"{fmt_time(elapsed)}" + (f", about {fmt_time(eta)} to go" if math.isfinite(eta) else ""), flush=True)
-        over = dict(train_over)
-        if a.preset == "tiny" and not (a.student and a.teacher):   # this build's pair (build 0, default: the usual)
-            student, teacher = build_dirs(a, b, log=say)
-            over.setdefault("student", str(student))
-            over.setdefault("teacher", str(teacher))
-        run_phase(a, outs[b], run, seed, over, ev, bench_names, rank, world, say)
-        if ddp:
-            dist.barrier()                            # everyone has finished: eval waited on the files
+    try:
+        for done, (b, run, seed) in enumerate(phases):
+            elapsed = time.time() - t_start
+            eta = elapsed / done * (len(phases) - done) if done else float("nan")
+            say(f"[{done + 1}/{len(phases)}] {run} seed {seed}" + (f" build {b}" if per_build else "") + f": elapsed "
+                f"{fmt_time(elapsed)}" + (f", about {fmt_time(eta)} to go" if math.isfinite(eta) else ""), flush=True)
+            over = dict(train_over)
+            if a.preset == "tiny" and not (a.student and a.teacher):   # this build's pair (build 0, default: the usual)
+                student, teacher = build_dirs(a, b, log=say)
+                over.setdefault("student", str(student))
+                over.setdefault("teacher", str(teacher))
+            run_phase(a, outs[b], run, seed, over, ev, bench_names, rank, world, say)
+            if ddp:
+                dist.barrier()                        # everyone has finished: eval waited on the files
+    finally:                                          # the runs share one engine: released here, also after an error
+        vllm_engine.close_engine()                    # (woken first; the group kept: vllm_engine.close_engine)
     wall = time.time() - t_start
     if master:
         for d in outs.values():
@@ -294,7 +300,6 @@ def run(argv=None):
         say(f"wrote {a.results_md if not per_build else [str(d / 'RESULTS.md') for d in outs.values()]} in "
             f"{fmt_time(wall)}")
     if ddp:
-        vllm_engine.close_engine()                    # its teardown would end the group (vllm_engine.close_engine)
         dist.destroy_process_group()
 
 

@@ -24,7 +24,7 @@ def setup(args):
     launched = int(os.environ.get("RANK", -1)) != -1                 # torchrun sets RANK
     own_group = launched and not dist.is_initialized()              # a caller (reproduce.py) may hold the group
     if own_group:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_group(args.dist_timeout)
     rank, world = (dist.get_rank(), dist.get_world_size()) if launched else (0, 1)
     if args.prompts_per_step % world:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} is not a multiple of the {world} ranks")
@@ -43,6 +43,16 @@ def setup(args):
     if rank == 0:
         print("config:\n" + "\n".join(f"  {k:22s} {v}" for k, v in dataclasses.asdict(args).items()), flush=True)
     return types.SimpleNamespace(rank=rank, world=world, device=device, fsdp=launched, amp=amp, own_group=own_group)
+
+
+def init_group(timeout_s=3600.0):
+    """The torchrun process group: NCCL on GPUs, gloo on CPUs, with a timeout for every collective. The default 10
+    minutes of NCCL's watchdog is shorter than the spread of rollout time between ranks at the paper's 12,288 tokens
+    (a rank that is still sampling would be taken for a dead one)."""
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def all_reduce(values, device, op="sum"):
@@ -89,7 +99,7 @@ def balanced_micro_batches(batch, max_tokens, count=None):
         j = min(range(k), key=lambda j: (load[j], j))
         parts[j].append(i)
         load[j] += lengths[i]
-    return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
+    return [torch.tensor(sorted(p), dtype=torch.long, device="cpu") for p in parts]
 
 
 def row_seeds(*key_and_rows):
@@ -110,7 +120,8 @@ class GumbelSampler:
         if self.gens is None:
             u = torch.rand_like(scores, dtype=torch.float64)
         else:
-            u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.gens])
+            u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64, device="cpu")
+                             for g in self.gens])
         return scores + (-torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))).to(scores.device, scores.dtype)  # (B, V)
 
 

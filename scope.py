@@ -166,9 +166,9 @@ def _weight_stats(w, cell_ids):
         return 0.0, 0.0
     _, cell = torch.unique(cell_ids, return_inverse=True)
     n = int(cell.max()) + 1
-    total = torch.zeros(n, dtype=torch.float64).index_add(0, cell, w.double())
+    total = torch.zeros(n, dtype=torch.float64, device=w.device).index_add(0, cell, w.double())
     p = w.double() / total[cell]                                   # renormalise "mean" weights to sum 1
-    ent = torch.zeros(n, dtype=torch.float64).index_add(0, cell, -p * torch.log(p.clamp(min=1e-30)))
+    ent = torch.zeros(n, dtype=torch.float64, device=w.device).index_add(0, cell, -p * torch.log(p.clamp(min=1e-30)))
     return float(w.max()), float(ent.mean())
 
 
@@ -193,7 +193,7 @@ def scope_loss(logp, logp_old, logp_teacher, mask, rewards, weights, group_ids=N
     _check_same_shape(logp=logp, logp_old=logp_old, logp_teacher=logp_teacher, mask=mask)
     _check_rewards(rewards, logp.shape[0])
     _check(weights.shape == rewards.shape, f"weights has shape {tuple(weights.shape)}, expected {tuple(rewards.shape)}")
-    group_ids = torch.arange(logp.shape[0]) if group_ids is None else group_ids
+    group_ids = torch.arange(logp.shape[0], device=logp.device) if group_ids is None else group_ids
     real = mask.bool()                                             # (B, L) response tokens
     for name, x in (("logp", logp), ("logp_old", logp_old), ("logp_teacher", logp_teacher)):
         _check_finite(name, x.detach()[real])
@@ -234,6 +234,7 @@ def scope_loss(logp, logp_old, logp_teacher, mask, rewards, weights, group_ids=N
 
 # ---------------------------------------------------------------------------------------------- end of the loss
 # The rest of the file (baselines, rollouts, scoring, config, the loop) needs more than torch and math:
+import contextlib
 import dataclasses
 import json
 import time
@@ -243,16 +244,14 @@ import memory                                                      # the memory 
 import runtime                                                     # ranks, devices, seeds, FSDP2, small helpers
 import verifier                                                    # section 2: the reward R_i
 from checkpoints import OutDirLock, resume, save_checkpoint
-from loading import load_models, run_inputs, step_prompts
+from loading import drop_long_prompts, load_models, run_inputs, step_prompts
 from logprobs import model_logprobs
 from runtime import (GumbelSampler, all_reduce, log_step, micro_batches, pad_cat, row_seeds, split_batch,
                      summed_is_stats, summed_logs, trim)
 # Moved beside this file and still importable from it, so code written against earlier versions keeps working:
-from checkpoints import RESUMABLE, find_checkpoint, load_tensors  # noqa: F401
-from loading import JsonlProblems, load_model, load_problems, load_tokenizer  # noqa: F401
-from logprobs import LogprobHead, token_logprobs  # noqa: F401
+from loading import load_model, load_problems, load_tokenizer  # noqa: F401
+from logprobs import token_logprobs  # noqa: F401
 from memory import memory_plan  # noqa: F401
-from runtime import setup, shard, tied_names  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------
 # 1b. The baselines of the paper's tables, and the one table of methods (the config checks names against it; the
@@ -273,7 +272,8 @@ def truncated_is_weights(logp_trainer, logp_sampler, mask, cap):
     -> ((B, L) weights, 0 on padding; {"sum", "max", "capped", "tokens"} of the uncapped ratios, for logging)."""
     _check(cap > 0, f"cap must be > 0, got {cap}")
     real = mask.bool()
-    ratio = torch.exp(torch.where(real, logp_trainer.detach() - logp_sampler.detach(), 0.0))   # (B, L)
+    log_ratio = torch.where(real, logp_trainer.detach() - logp_sampler.detach(), 0.0)          # (B, L)
+    ratio = torch.exp(log_ratio.clamp(-20.0, 20.0))              # as verl: a finite ratio even for a wild token
     stats = {"sum": float(ratio[real].sum()), "max": float(ratio[real].max()) if real.any() else 0.0,
              "capped": float((ratio[real] > cap).sum()), "tokens": float(real.sum())}
     return torch.where(real, ratio.clamp(max=cap), 0.0), stats
@@ -281,7 +281,8 @@ def truncated_is_weights(logp_trainer, logp_sampler, mask, cap):
 
 def uniform_weights(group_ids, agg="paper"):
     """Uniform per-prompt weights: 1/N (sums to 1, as eq. 6 with agg="paper") or 1 (agg="token"). -> (B,)."""
-    return group_softmax(torch.zeros(group_ids.shape[0]), group_ids, "sum" if agg == "paper" else "mean")
+    scores = torch.zeros(group_ids.shape[0], device=group_ids.device)
+    return group_softmax(scores, group_ids, "sum" if agg == "paper" else "mean")
 
 
 def opd_loss(logp, logp_old, logp_teacher, mask, group_ids, agg="paper", counts=None, weights=None,
@@ -304,8 +305,8 @@ def grpo_advantages(rewards, group_ids, eps=1e-6):
     n = int(g.max()) + 1
     r = rewards.double()
     size = torch.bincount(g, minlength=n).double()
-    mean = torch.zeros(n, dtype=r.dtype).index_add(0, g, r) / size
-    var = torch.zeros(n, dtype=r.dtype).index_add(0, g, (r - mean[g]) ** 2) / size
+    mean = torch.zeros(n, dtype=r.dtype, device=r.device).index_add(0, g, r) / size
+    var = torch.zeros(n, dtype=r.dtype, device=r.device).index_add(0, g, (r - mean[g]) ** 2) / size
     return ((r - mean[g]) / (var.sqrt()[g] + eps)).float()
 
 
@@ -402,9 +403,9 @@ def generate(model, tokenizer, prompts, n, max_new_tokens, temperature=1.0, top_
     from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                               TopPLogitsWarper)
     device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    prompt_ids = enc["input_ids"].repeat_interleave(n, 0).to(device)              # (B*n, P)
-    prompt_mask = enc["attention_mask"].repeat_interleave(n, 0).to(device)        # (B*n, P)
+    enc = tokenizer(prompts, padding=True, padding_side="left", add_special_tokens=False)   # lists: no device guess
+    prompt_ids = torch.tensor(enc["input_ids"], device=device).repeat_interleave(n, 0)        # (B*n, P)
+    prompt_mask = torch.tensor(enc["attention_mask"], device=device).repeat_interleave(n, 0)  # (B*n, P)
     if seeds is not None and len(seeds) != prompt_ids.shape[0]:
         raise ValueError(f"seeds has {len(seeds)} entries, expected {prompt_ids.shape[0]} (one per rollout)")
     recorder = SamplerLogprobs(logprob_temperature)
@@ -516,7 +517,8 @@ class Args:
     vllm_quantization: str = ""
     """vllm engine: quantise its copy of the student, e.g. fp8 (rollout/sampler_gap then includes that error)"""
     max_prompt_tokens: int = 2048
-    """vllm engine: longest prompt accepted (the engine's max_model_len is this + max_new_tokens)"""
+    """longest prompt in tokens: longer training problems are left out at load, counted (vllm: the engine's
+    max_model_len is this + max_new_tokens)"""
     rollout_is_cap: float = 0.0
     """truncated importance sampling: weight each token's loss by min(pi_trainer / pi_sampler, C) (0: off, the paper)"""
     max_sampler_gap: float = 0.5
@@ -574,6 +576,8 @@ class Args:
     """torch CPU threads per process and for the tiny build (1: under load, 2 run slower; docs/measurements.md)"""
     dtype: str = "float32"
     """compute dtype, float32 | bfloat16 (the student's weights and AdamW state stay fp32; teacher stored in it)"""
+    dist_timeout: float = 3600.0
+    """torchrun: seconds a collective waits for the slowest rank before the run stops (NCCL's default is 600)"""
     memory_check: bool = True
     """stop before loading anything when the memory plan predicts the layout does not fit (false: print it only)"""
     gradient_checkpointing: bool = False
@@ -585,7 +589,7 @@ PRESETS = {
     # The paper's setup (docs/method.md): 256 prompts x 8 rollouts, one update per batch, lr 5e-5 constant, wd 0.01,
     # T 0.6. Token budgets: docs/gpu.md, the memory plan for 8 x 80 GB.
     "paper": dict(student="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", teacher="Skywork/Skywork-OR1-7B",
-                  data="zwhe99/DeepMath-103K", instruction="Please reason step by step, and put your final answer "
+                  data="zwhe99/DeepMath-103K", max_prompt_tokens=4096, instruction="Please reason step by step, and put your final answer "
                   "within \\boxed{}.", prompts_per_step=256, max_new_tokens=12288, temperature=0.6, lr=5e-5,
                   steps=500, seeded_sampling=False, eval_every=0, save_every=20, dtype="bfloat16", cache_dir="",
                   gradient_checkpointing=True, micro_batch_tokens=32768, score_tokens=65536, rollout_tokens=1 << 20,
@@ -659,47 +663,49 @@ def loop(args, rt):
                                                         METHODS[args.method]["teacher"], args.method == "grpo" and
                                                         args.grpo_kl_coef > 0)   # the reference: the initial student
     start = resume(ckpt, student, opt, rt, out) if ckpt else 0
+    rows = drop_long_prompts(rows, lambda p: len(tokenizer(prompt_text(tokenizer, p, args.instruction),
+                                                           add_special_tokens=False)["input_ids"]),
+                             args.max_prompt_tokens, say)
     if rt.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
         (out / "metrics.jsonl").open("a" if ckpt else "w").close()
     say(f"resumed from {ckpt} at step {start}" if ckpt else f"training from step 0 into {out}")
-    engine = None
+    engine = contextlib.nullcontext()                                 # hf: generate, below
     if args.rollout_engine == "vllm" and args.method != "kd":         # vllm_engine.py: imports vllm
         import vllm_engine
-        engine = vllm_engine.VLLMRollouts(args, student_name)
-    kd_cache, n = {}, args.kd_samples if args.method == "kd" else args.n_rollouts
-    lp_temp = args.temperature if args.logprob_temperature == "sampling" else 1.0   # pi_theta's log-probs at T
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, disable=rt.rank != 0)
-    for step in bar:
-        idx = step_prompts(step, len(rows), args.prompts_per_step, args.seed)   # the global batch's problems
-        my = list(range(rt.rank, len(idx), rt.world))                  # this rank's positions in it
-        t = {"time/generate": time.time()}                             # 1. N rollouts a prompt, pi_old's log-probs
-        batch = sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache, engine)
-        t["time/verify"] = time.time()                                 # 2. R_i
-        batch["rewards"] = verify_rollouts(tokenizer, batch, [rows[idx[j]]["answer"] for j in my], n, rt.device,
-                                           args.grader)
-        batch["groups"] = torch.tensor(my, device=rt.device).repeat_interleave(n)   # (B*n,) one id per global prompt
-        t["time/score"] = time.time()                                  # 3. teacher T_it / GRPO reference (no grad)
-        logp_teacher = (score_logprobs(teacher, batch, batch["groups"], args.score_tokens)
-                        if args.method in ("scope", "opd") else None)
-        logp_ref = (score_logprobs(ref, batch, batch["groups"], args.score_tokens, lp_temp)   # the student's T:
-                    if ref is not None else None)                                           # KL 0 at step 0
-        t["time/update"] = time.time()                                 # 4. weights (eq. 4-5) and one update (eq. 6)
-        record = update_student(args, rt, student, opt, batch, logp_teacher, logp_ref)
-        t["end"] = time.time()
-        record = log_step(step, record, batch, t, rt.device)           # 5. log, evaluate, checkpoint
-        if test_rows and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            record.update(evaluate(student, tokenizer, test_rows, args.eval_k, args, (args.seed, "eval"), rt))
-        if rt.rank == 0:
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(reward=f"{record['train/reward_mean']:.2f}", loss=f"{record['loss']:.3f}")
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-            save_checkpoint(out, step + 1, student, tokenizer, opt, args, rt)
+        engine = vllm_engine.rollouts(args, rt, student_name)         # closed on any error (woken first)
+    with engine as engine:
+        kd_cache, n = {}, args.kd_samples if args.method == "kd" else args.n_rollouts
+        lp_temp = args.temperature if args.logprob_temperature == "sampling" else 1.0   # pi_theta's log-probs at T
+        bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.method, disable=rt.rank != 0)
+        for step in bar:
+            idx = step_prompts(step, len(rows), args.prompts_per_step, args.seed)   # the global batch's problems
+            my = list(range(rt.rank, len(idx), rt.world))                  # this rank's positions in it
+            t = {"time/generate": time.time()}                             # 1. N rollouts a prompt, pi_old's log-probs
+            batch = sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, kd_cache, engine)
+            t["time/verify"] = time.time()                                 # 2. R_i
+            batch["rewards"] = verify_rollouts(tokenizer, batch, [rows[idx[j]]["answer"] for j in my], n, rt.device,
+                                               args.grader)
+            batch["groups"] = torch.tensor(my, device=rt.device).repeat_interleave(n)   # (B*n,) global prompt ids
+            t["time/score"] = time.time()                                  # 3. teacher T_it / GRPO reference (no grad)
+            logp_teacher = (score_logprobs(teacher, batch, batch["groups"], args.score_tokens)
+                            if args.method in ("scope", "opd") else None)
+            logp_ref = (score_logprobs(ref, batch, batch["groups"], args.score_tokens, lp_temp)   # the student's T:
+                        if ref is not None else None)                                           # KL 0 at step 0
+            t["time/update"] = time.time()                                 # 4. weights (eq. 4-5) and one update (eq. 6)
+            record = update_student(args, rt, student, opt, batch, logp_teacher, logp_ref)
+            t["end"] = time.time()
+            record = log_step(step, record, batch, t, rt.device)           # 5. log, evaluate, checkpoint
+            if test_rows and args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+                record.update(evaluate(student, tokenizer, test_rows, args.eval_k, args, (args.seed, "eval"), rt))
+            if rt.rank == 0:
+                with (out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(reward=f"{record['train/reward_mean']:.2f}", loss=f"{record['loss']:.3f}")
+            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+                save_checkpoint(out, step + 1, student, tokenizer, opt, args, rt)
     if rt.own_group:
-        if engine is not None:                                         # its teardown would end the group
-            vllm_engine.close_engine()
         torch.distributed.destroy_process_group()
     return student
 
@@ -727,7 +733,7 @@ def sample_rollouts(args, rt, step, student, teacher, tokenizer, rows, idx, my, 
     per_call = max(1, args.rollout_tokens // (longest * n)) if args.rollout_tokens else len(my)
     calls = int(all_reduce([math.ceil(len(my) / per_call)], rt.device, "max")[0])
     out = []
-    for part in torch.arange(len(my)).tensor_split(calls):            # nearly equal, contiguous
+    for part in torch.arange(len(my), device="cpu").tensor_split(calls):   # nearly equal, contiguous
         part = part.tolist()
         seeds = row_seeds(args.seed, step, [(my[q], i) for q in part for i in range(n)])
         with rt.amp():
@@ -756,6 +762,8 @@ def update_student(args, rt, student, opt, batch, logp_teacher, logp_ref):
     """Phase 4: the weights of the whole batch (eq. 4-5), then one optimizer step over token-budget micro-batches (a
     group may be split) with the method's loss. Every normaliser counts the GLOBAL batch (the loss's contract)."""
     lp_temp = args.temperature if args.logprob_temperature == "sampling" else 1.0
+    if args.method != "kd":                       # the sampler's log-probs feed the weights, the gap and the IS ratio
+        _check_finite("logp_sampler", batch["logp_sampler"][batch["response_mask"].bool()])
     w, adv, counts = batch_weights(args, rt, batch, logp_teacher)
     parts = split_batch(args, rt, batch)                              # every rank runs as many (FSDP2)
     paths = runtime.PathGradNorms(student) if args.path_grad_norms and args.method == "scope" else None
@@ -815,7 +823,7 @@ def evaluate(model, tokenizer, rows, k, args, seed_key, rt):
     calls = int(all_reduce([math.ceil(len(mine) / 16)], rt.device, "max")[0])
     levels = sorted({r.get("level", "all") for r in rows})
     hist = {lv: [0.0] * (k + 1) for lv in levels}                     # per level: problems with c correct, c = 0..k
-    for part in (p.tolist() for p in torch.tensor(mine, dtype=torch.long).tensor_split(max(calls, 1))):
+    for part in (p.tolist() for p in torch.tensor(mine, dtype=torch.long, device="cpu").tensor_split(max(calls, 1))):
         prompts = [prompt_text(tokenizer, rows[i]["problem"], args.instruction) for i in part]
         seeds = row_seeds(seed_key, [i * k + j for i in part for j in range(k)]) if args.seeded_sampling else None
         with rt.amp():

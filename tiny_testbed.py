@@ -129,18 +129,18 @@ def sft(model, tokenizer, rows, spec, seed, desc, progress=lambda step: None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     model.train()
     for step in tqdm(range(spec.sft_steps), desc=desc, leave=False):
-        idx = torch.randint(0, len(rows), (spec.sft_batch,), generator=g).tolist()
+        idx = torch.randint(0, len(rows), (spec.sft_batch,), generator=g, device="cpu").tolist()
         prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": rows[i]["problem"]}],
                                                            tokenize=False, add_generation_prompt=True),
                              add_special_tokens=False)["input_ids"] for i in idx]   # = scope.prompt_text
         answers = [tokenizer(rows[i]["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                    for i in idx]
         length = max(len(p) + len(a) for p, a in zip(prompts, answers))
-        ids = torch.full((len(idx), length), tokenizer.pad_token_id)
-        labels = torch.full((len(idx), length), -100)
+        ids = torch.full((len(idx), length), tokenizer.pad_token_id, device="cpu")   # the build runs on the CPU
+        labels = torch.full((len(idx), length), -100, device="cpu")
         for r, (p, a) in enumerate(zip(prompts, answers)):
-            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
-            labels[r, len(p):len(p) + len(a)] = torch.tensor(a)
+            ids[r, :len(p) + len(a)] = torch.tensor(p + a, device="cpu")
+            labels[r, len(p):len(p) + len(a)] = torch.tensor(a, device="cpu")
         loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

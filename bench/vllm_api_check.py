@@ -37,6 +37,11 @@ USES = [
     ("vllm/entrypoints/llm.py", "LLM", "collective_rpc", ["method", "args"]),
     ("vllm/entrypoints/llm.py", "LLM", "reset_prefix_cache", []),
     ("vllm/v1/engine/core_client.py", "InprocClient", "shutdown", []),              # llm.llm_engine.engine_core
+    ("vllm/v1/engine/llm_engine.py", "LLMEngine", "attributes", ["engine_core", "_finalizer"]),   # close_engine
+    ("vllm/v1/engine/llm_engine.py", "LLMEngine", "_cleanup_instance_caches", ["model_ref"]),     # what it runs
+    ("vllm/model_executor/models/qwen2.py", None, "exports", ["packed_modules_mapping", "qkv_proj", "gate_up_proj"]),
+    ("vllm/v1/worker/gpu_worker.py", "Worker", "sleep", ["level"]),                   # level 2 saves the buffers:
+    ("vllm/v1/worker/gpu_worker.py", None, "exports", ["_sleep_saved_buffers"]),      # sleep_level
     ("vllm/platforms/interface.py", "Platform", "is_sleep_mode_available", []),
     ("vllm/platforms/interface.py", "Platform", "is_cpu", []),
     ("vllm/v1/worker/gpu_worker.py", "Worker", "reload_weights", []),                 # (weights_iterator=, ...)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import cli
+import runtime
 import scope
 import verifier
 import vllm_engine
@@ -58,6 +59,8 @@ class EvalArgs:
     """sampling seed (every sample's randomness is a function of seed, benchmark, problem, sample index)"""
     dtype: str = "float32"
     """float32 | bfloat16"""
+    dist_timeout: float = 3600.0
+    """torchrun: seconds a collective waits for the slowest rank (vllm engines are built collectively)"""
     extraction: str = ""
     """lenient: the final answer as community harnesses find it (last box, else "answer is ...", last math span,
     last number; eval/extract.py); boxed: the last box only, as training rewards it (empty: the preset's,
@@ -125,8 +128,7 @@ class VLLMBackend:
             raise SystemExit(f"the longest prompt ({longest} tokens) + --max-tokens {args.max_tokens} exceed "
                              f"{args.model}'s {limit} positions")
         self.args = args
-        self.llm = vllm_engine.get_engine(args.model, longest + args.max_tokens, args.seed, args.vllm_memory,
-                                     dtype=args.dtype)
+        vllm_engine.get_engine(args.model, longest + args.max_tokens, args.seed, args.vllm_memory, dtype=args.dtype)
 
     def __call__(self, bench, rows, n):
         from vllm import SamplingParams
@@ -135,7 +137,7 @@ class VLLMBackend:
         params = [SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or -1,
                                  max_tokens=a.max_tokens, seed=sample_seed(a.seed, bench, r["id"], 0) % 2**31,
                                  stop_token_ids=[tok.eos_token_id], detokenize=False) for r in rows]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = vllm_engine.engine().generate(prompts, params, use_tqdm=False)   # no reference kept: close_engine frees it
         return [[(tok.decode(c.token_ids, skip_special_tokens=True), c.finish_reason == "length") for c in o.outputs]
                 for o in outs]
 
@@ -292,18 +294,18 @@ def main(argv=None):
     import os
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:                                  # torchrun: one engine per GPU; the vllm backend joins this group
-        import torch
         import torch.distributed as dist
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        runtime.init_group(args.dist_timeout)
     try:
         results = evaluate(args, rank=rank, world=world)
     except benchmarks.DataError as e:                                 # names the file, line, field: no traceback
         raise SystemExit(f"error: {e}") from None
+    finally:                                       # also after an error: woken and released, the group kept
+        vllm_engine.close_engine()
     if rank == 0:
         print(table(results))
         print(f"results: {Path(args.out_dir) / 'results.json'}")
     if world > 1:
-        vllm_engine.close_engine()                 # its teardown would end the group (vllm_engine.close_engine)
         dist.destroy_process_group()
 
 

@@ -11,38 +11,55 @@ import pytest
 from conftest import ROOT
 
 
-def test_gpu_check_dry_run_writes_its_report(tmp_path):
-    out = tmp_path / "gpu_check.json"
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+def gpu_check(tmp_path, *argv, patch=""):
+    """bench/gpu_check.py --dry-run in a subprocess, with `patch` (Python) run first; -> (result, report)."""
+    script = (f"import runpy, sys; sys.path.insert(0, {str(ROOT)!r}); {patch or 'pass'}; sys.argv = ['gpu_check.py', "
+              f"'--dry-run', *{list(argv)!r}]; runpy.run_path({str(ROOT / 'bench' / 'gpu_check.py')!r}, "
+              "run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["dry_run"] and report["torch"] and report["transformers"]
-    assert set(report["a_tiny_pipeline"]) == {"scope", "opd", "grpo", "kd"}
-    for r in report["a_tiny_pipeline"].values():
-        assert math.isfinite(r["loss"]) and 0 <= r["eval_avg@2"] <= 1
+    return res, json.loads((tmp_path / "runs" / "gpu_check" / "gpu_check.json").read_text())
+
+
+def test_gpu_check_dry_run_writes_its_report(tmp_path):
+    """Every part on the CPU at tiny shapes: the report under the output directory (runs/gpu_check/ by default, not
+    the repository root), a PASS or FAIL with its threshold for every check, and FAIL for what the CPU cannot run."""
+    res, report = gpu_check(tmp_path)
+    assert report["versions"]["dry_run"] and report["versions"]["torch"] and report["versions"]["transformers"]
+    assert set(report["a_tiny_pipeline"]) == {"scope", "opd", "psr", "grpo", "kd"}
+    for r in [*report["a_tiny_pipeline"].values(), report["t_torchrun_fsdp2"]]:
+        assert r["verdict"] == "PASS" and all(math.isfinite(x) for x in r["loss"]) and 0 <= r["eval_avg"] <= 1, r
     for r in report["b_paper_shaped"].values():
         assert set(r["phases"]) == {"generate", "score", "update"} and r["response_tokens"] > 0
     c = report["c_vllm"]                                             # vLLM's CPU build: installed in CI
-    assert c["importable"] and c["engine_reused_by_the_second_run"] is True
+    assert c["engine_reused_by_the_second_run"]["verdict"] == "PASS"
     assert all(0 <= g < 0.02 for run in ("scope-vllm", "opd-vllm") for g in c[run]["sampler_gap"]), c
-    assert len(c["fixed_sequences"]) == 3 and all(r["mean"] < 0.02 for r in c["fixed_sequences"]), c
-    assert "| (c) vllm engine_reused_by_the_second_run | true |" in res.stdout
-    assert "| (c) vllm teardown_while_asleep | FAIL: cannot run here: this platform has no sleep mode" in res.stdout
-    assert "| (c) vllm scope-vllm-fp8 | FAIL: cannot run here: fp8 needs a GPU |" in res.stdout
-    assert "summary: 2 part(s) FAIL (teardown_while_asleep, scope-vllm-fp8)" in res.stdout
+    assert c["fixed_sequences"]["verdict"] == "PASS" and len(c["fixed_sequences"]["steps"]) == 3, c
+    assert "| c_vllm | engine_reused_by_the_second_run | PASS (the second run (same settings) reuses" in res.stdout
+    assert "| c_vllm | teardown_while_asleep | FAIL (needs sleep mode) | cannot run here" in res.stdout
+    assert "| c_vllm | scope-vllm-fp8 | FAIL (needs a GPU) | cannot run here: fp8 needs a GPU |" in res.stdout
+    assert "summary: 2 check(s) FAIL (c_vllm/teardown_while_asleep, c_vllm/scope-vllm-fp8)" in res.stdout
+    assert not (ROOT / "gpu_check.json").exists()
+
+
+def test_gpu_check_keeps_its_report_when_a_part_raises(tmp_path):
+    """A part that raises is a FAIL with its error, the later parts still run, and a raise in the last teardown is
+    recorded too: the report is written after every part."""
+    patch = ("import scope, vllm_engine; scope.update_student = lambda *a: 1 / 0; real = vllm_engine.close_engine; "
+             "vllm_engine.close_engine = lambda: (real(), 1 / 0)")
+    res, report = gpu_check(tmp_path, "--parts", "abc", patch=patch)
+    assert all(r["verdict"] == "FAIL" and "ZeroDivisionError" in r["error"] for r in report["a_tiny_pipeline"].values())
+    assert report["c_vllm"]["final_close"]["verdict"] == "FAIL" and "ZeroDivisionError" in report["c_vllm"][
+        "final_close"]["error"]
+    assert "| a_tiny_pipeline | kd | FAIL (runs without an error) | ZeroDivisionError" in res.stdout
 
 
 def test_gpu_check_without_vllm_says_fail_not_skip(tmp_path):
-    """On a machine without vllm, part (c) prints FAIL and the summary says the vLLM part needs vllm installed."""
-    hide = ("import importlib.util as u, runpy, sys; real = u.find_spec; "
-            "u.find_spec = lambda n, *a: None if n == 'vllm' else real(n, *a); "
-            f"sys.argv = ['gpu_check.py', '--dry-run', '--parts', 'c', '--out', {str(tmp_path / 'r.json')!r}]; "
-            f"runpy.run_path({str(ROOT / 'bench' / 'gpu_check.py')!r}, run_name='__main__')")
-    res = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "| (c) vllm FAIL | FAIL: vllm is not installed" in res.stdout
-    assert "summary: 1 part(s) FAIL (FAIL) - the vLLM part (c) needs a machine with vllm installed" in res.stdout
+    """On a machine without vllm, part (c) prints FAIL and the summary names it."""
+    patch = "import importlib.util as u; real = u.find_spec; u.find_spec = lambda n, *a: None if n == 'vllm' else real(n, *a)"
+    res, report = gpu_check(tmp_path, "--parts", "c", patch=patch)
+    assert "| c_vllm | importable | FAIL (vllm imports) | vllm is not installed" in res.stdout
+    assert "summary: 1 check(s) FAIL (c_vllm/importable)" in res.stdout
 
 
 @pytest.mark.parametrize("path,cls", [("eval/run.py", "VLLMBackend"), ("vllm_engine.py", None)])
@@ -62,7 +79,9 @@ def test_vllm_api_check_lists_every_vllm_name_the_code_uses(path, cls):
             name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
             if name in ("LLM", "SamplingParams"):                     # keywords, also inside **{...}
                 seen[name] |= {k.arg for c in ast.walk(node) if isinstance(c, ast.Call) for k in c.keywords if k.arg}
-            if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "attr", None) == "llm":
+            on = node.func.value if isinstance(node.func, ast.Attribute) else None   # llm.X(...), engine().X(...)
+            if getattr(on, "attr", None) == "llm" or (isinstance(on, ast.Call) and getattr(
+                    on.func, "attr", getattr(on.func, "id", None)) == "engine"):
                 seen["engine"].add(node.func.attr)
         if isinstance(node, ast.Attribute) and node.attr in ("outputs", "finish_reason", "token_ids", "logprobs",
                                                              "logprob", "prompt_logprobs", "text"):

@@ -234,6 +234,16 @@ def test_gradient_at_theta_old_matches_spec(batch):
     assert torch.allclose(logp.grad, expected, atol=1e-9)
 
 
+def test_importance_ratios_stay_finite_for_a_wild_token():
+    """The log-ratio is clamped to +-20 before exp (as verl does): a sampler log-prob of -200 where the trainer has -1
+    gives a capped weight and a finite logged max (e^20), not inf."""
+    trainer = torch.tensor([[-1.0, -2.0, -0.5]])
+    sampler = torch.tensor([[-200.0, -2.0, 0.0]])
+    tw, stats = scope.truncated_is_weights(trainer, sampler, torch.ones(1, 3), cap=3.0)
+    assert tw.tolist() == [[3.0, 1.0, pytest.approx(math.exp(-0.5))]]
+    assert stats["max"] == pytest.approx(math.exp(20.0), rel=1e-6) and math.isfinite(stats["sum"])
+
+
 @given(batches(), st.floats(0.5, 3.0), st.integers(0, 2**31 - 1))
 def test_truncated_importance_weights_equal_a_float64_loop(batch, cap, seed):
     """--rollout-is-cap: each token's weight is min(exp(trainer - sampler), cap) (a float64 loop), 0 on padding, with

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import reproduce
+import checkpoints
 import cli as flags
 import scope
 from conftest import ROOT
@@ -106,7 +107,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(micro_models, tmp_path):
     with pytest.raises(SystemExit, match=r"optimizer.pt: refused: it holds more than tensors.*could run code"):
         scope.train(run_args(micro_models, out, steps=2, resume=True))
     assert not marker.exists() and "state" in good
-    rng = scope.load_tensors(out / "checkpoint" / "rng_rank0.pt")
+    rng = checkpoints.load_tensors(out / "checkpoint" / "rng_rank0.pt")
     assert set(rng) == {"torch", "python", "numpy"}
 
 
@@ -218,3 +219,43 @@ def test_a_layout_the_memory_plan_says_will_not_fit_stops_before_loading(micro_m
     assert not loaded and not (tmp_path / "run").exists()
     monkeypatch.undo()
     scope.train(run_args(micro_models, tmp_path / "run2", steps=1, memory_check=False))   # fits here anyway
+
+
+@pytest.mark.parametrize("source", ["list", "jsonl"])
+def test_prompts_over_the_limit_are_left_out_at_load_and_counted(tmp_path, source):
+    """drop_long_prompts keeps exactly the problems whose prompt has at most `limit` tokens (checked against every
+    prompt tokenized), in their order, whether a problem is tokenized or passed on the byte bound; it says how many it
+    left out, and stops when none is left."""
+    import loading
+    import tiny_testbed
+    tok = tiny_testbed.tiny_tokenizer()
+    problems = [("1+" * k)[:-1] + "=?" for k in range(1, 60, 3)]           # prompts of 10 to 124 tokens
+    rows = [{"problem": p, "answer": "0"} for p in problems]
+    if source == "jsonl":
+        (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = loading.load_problems(str(tmp_path / "p.jsonl"))
+    count = lambda p: len(tok(scope.prompt_text(tok, p), add_special_tokens=False)["input_ids"])   # noqa: E731
+    assert [count(p) for p in problems[:2]] == [10, 16] and count(problems[-1]) == 124
+    for limit in (9, 10, 40, 75, 123, 124, 200):
+        said = []
+        kept = loading.drop_long_prompts(rows, count, limit, said.append) if limit > 9 else None
+        if limit == 9:
+            with pytest.raises(SystemExit, match="every training problem's prompt is longer"):
+                loading.drop_long_prompts(rows, count, limit, said.append)
+            continue
+        want = [p for p in problems if count(p) <= limit]
+        assert [kept[k]["problem"] for k in range(len(kept))] == want
+        assert said == ([] if len(want) == len(problems) else
+                        [f"--max-prompt-tokens {limit}: left out {len(problems) - len(want)} of {len(problems)} "
+                         "training problems whose prompt is longer"])
+
+
+def test_a_long_prompt_no_longer_stops_the_run(micro_models, tmp_path, capsys):
+    """A training file with one prompt longer than --max-prompt-tokens trains (that problem never drawn) instead of
+    stopping at the step that would draw it."""
+    rows = [{"problem": f"{i}+1=?", "answer": str(i + 1)} for i in range(7)] + [{"problem": "1+" * 200 + "1=?",
+                                                                                 "answer": "201"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scope.train(run_args(micro_models, tmp_path / "out", data=str(tmp_path / "p.jsonl"), max_prompt_tokens=100,
+                         steps=2, prompts_per_step=7, n_rollouts=2))
+    assert "left out 1 of 8 training problems" in capsys.readouterr().out

@@ -329,6 +329,20 @@ def test_token_budget_split_inside_groups_leaves_the_gradient_unchanged(micro_mo
         assert (a - b).abs().max() <= 1e-5 * (1 + a.abs().max())
 
 
+def test_a_non_finite_sampler_logprob_stops_every_method_that_reads_it(micro_models):
+    """The sampler's log-probs feed SCOPE's weights, every method's sampler gap and the importance ratio: a NaN on a
+    response token stops the update with a message naming them (OPD and GRPO read them only there)."""
+    from transformers import AutoModelForCausalLM
+    student_dir, _ = micro_models
+    for method in ("scope", "opd", "psr", "grpo"):
+        args = run_args(micro_models, "unused", method=method, prompts_per_step=4, n_rollouts=4)
+        rt, noop, teacher, batch, lp_t = one_batch(micro_models, args)
+        batch["logp_sampler"][3, 0] = float("nan")
+        model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+        with pytest.raises(ValueError, match="logp_sampler contains NaN or inf"):
+            scope.update_student(args, rt, model, noop, batch, lp_t, lp_t)
+
+
 def test_path_gradient_norms_split_the_scope_gradient(micro_models):
     """--path_grad_norms: train/grad_norm_mle is the norm of the gradient of the MLE path alone (checked against a
     separate update whose OPD path is zero because the teacher's log-probs are the student's own: sg(s - T) = 0), and
@@ -405,6 +419,22 @@ def test_all_reduce_helper_puts_the_tensor_on_the_loop_device(monkeypatch):
         with pytest.raises(Seen) as e:
             scope.all_reduce([1.0, 2.0], torch.device("meta"), op)
         assert e.value.args == (torch.device("meta"), want)
+
+
+def test_every_entry_point_takes_a_timeout_for_its_process_group(monkeypatch):
+    """--dist-timeout (default 1 h) reaches init_process_group for NCCL and gloo alike: NCCL's own default (10 min)
+    is shorter than the spread of rollout time between ranks at the paper's lengths."""
+    import datetime
+    import torch.distributed as dist
+    import reproduce
+    import runtime
+    from eval import run as eval_run
+    seen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **k: seen.append((backend, k["timeout"])))
+    runtime.init_group(123)
+    assert seen == [("gloo", datetime.timedelta(seconds=123))]
+    for cls in (scope.Args, reproduce.RArgs, eval_run.EvalArgs):
+        assert cls().dist_timeout == 3600.0
 
 
 def test_data_is_a_jsonl_file_or_a_directory_of_them(tmp_path):
