@@ -276,13 +276,35 @@ def seed_macros(keys, m, bench_names):
     return np.mean([m[:, g].mean(1) for g in groups if len(g)], axis=0)
 
 
-def study_interval(builds, bench_names):
+def study_interval(builds, bench_names, floor=False):
     """builds: [(keys, (seeds, problems) differences)], one entry per build. The top level is the unit: each build's
-    mean over its seeds when there are several builds, else the seeds of the one build. -> t_interval in points."""
+    mean over its seeds when there are several builds, else the seeds of the one build. -> t_interval in points.
+    floor=True: the standard error is at least what the seeds alone put into the mean of the build means,
+    sqrt(mean within-build seed variance / (builds x seeds)), whatever the build means' own spread (which can come
+    out smaller by chance: the t-interval over builds trusts it); same degrees of freedom."""
     per_build = [seed_macros(keys, m, bench_names) for keys, m in builds]
     units = [v.mean() for v in per_build] if len(per_build) > 1 else per_build[0]
     d, lo, hi, se, mdd, n = t_interval(100 * np.asarray(units))
+    if floor and len(per_build) > 1 and all(len(v) > 1 for v in per_build):
+        seeds = np.mean([len(v) for v in per_build])
+        se_seeds = math.sqrt(np.mean([np.var(100 * v, ddof=1) for v in per_build]) / (len(per_build) * seeds))
+        if se_seeds > se:
+            t, tp = t_quantile(0.975, n - 1), t_quantile(0.8, n - 1)
+            return d, d - t * se_seeds, d + t * se_seeds, se_seeds, (t + tp) * se_seeds, n
     return d, lo, hi, se, mdd, n
+
+
+def slope_interval(x, y, level=0.95):
+    """Least-squares slope of y on x with its t-interval on n - 2 degrees of freedom. -> (slope, low, high)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 3 or np.ptp(x) == 0:
+        return math.nan, math.nan, math.nan
+    xc = x - x.mean()
+    b = float((xc * (y - y.mean())).sum() / (xc ** 2).sum())
+    resid = y - y.mean() - b * xc
+    se = math.sqrt(float((resid ** 2).sum()) / (len(x) - 2) / float((xc ** 2).sum()))
+    half = t_quantile(1 - (1 - level) / 2, len(x) - 2) * se
+    return b, b - half, b + half
 
 
 def variance_components(builds, bench_names):

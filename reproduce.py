@@ -13,6 +13,7 @@ config.json, metrics.jsonl, checkpoint/, eval/results.json; the report is rebuil
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import cli
 import runtime
 import scope
 import tiny_testbed
+import verifier
 import vllm_engine
 from eval import benchmarks, metrics
 from eval.run import EvalArgs, evaluate, versions
@@ -107,6 +109,10 @@ class RArgs:
     """test problems per tiny level (0: the preset's 32; the study uses all 256)"""
     regime: str = "default"
     """tiny teacher: default, or weak-add5 (trained on 2% of the add5 problems: the second regime, issue #12)"""
+    design: str = "default"
+    """tiny builds: default (SFT data, RL prompts and every random stream as `python scope.py --seed S` has them) or
+    calibrated (the study's design: RL prompts from the other half of the problem space than the SFT problems, every
+    random stream keyed by (build, seed), a teacher trained to a stated validation accuracy; docs/reproducing.md)"""
     analysis: str = ""
     """recovery: run the error-recovery analysis (paper section 2.2) for --regime into <out>/analysis/, no training"""
     analysis_problems: int = 192
@@ -150,8 +156,50 @@ def build_dirs(a, build, log=print):
     seed (initialisation, SFT data and order), built once and cached by that seed (tiny_testbed._key)."""
     if a.regime not in tiny_testbed.REGIMES:
         raise ValueError(f"--regime must be one of {list(tiny_testbed.REGIMES)}, got {a.regime!r}")
+    calibrated = a.design == "calibrated"
     return tiny_testbed.build_tiny_models(scope.Args().cache_dir, teacher=tiny_testbed.REGIMES[a.regime], seed=build,
-                                          log=log)
+                                          log=log, design=tiny_testbed.CALIBRATED if calibrated else None,
+                                          strength=validation_strength if calibrated else None)
+
+
+def validation_strength(model, tok, design=tiny_testbed.CALIBRATED):
+    """The calibrated recipe's stopping rule: a model's accuracy on the validation split (tiny_testbed.validation_rows,
+    no test problem), val_k samples a problem at the tiny preset's sampling (T 1, 64 new tokens, seeded), per level
+    and macro (the mean over levels). -> {"macro": ..., level: ...}."""
+    rows, k = tiny_testbed.validation_rows(design.val_per_level), design.val_k
+    hits = {}
+    for start in range(0, len(rows), 64):
+        part = rows[start:start + 64]
+        seeds = runtime.row_seeds("validation", [(r["id"], j) for r in part for j in range(k)])
+        b = scope.generate(model, tok, [scope.prompt_text(tok, r["problem"]) for r in part], k, 64, 1.0, seeds=seeds)
+        texts = scope.decode_responses(tok, b)
+        for q, r in enumerate(part):
+            hits.setdefault(r["level"], []).extend(
+                verifier.reward(texts[q * k + j], r["answer"], bool(b["truncated"][q * k + j])) for j in range(k))
+    per = {lv: sum(v) / len(v) for lv, v in hits.items()}
+    return {"macro": sum(per.values()) / len(per), **per}
+
+
+def stream_seed(a, build, seed):
+    """The seed a run's random streams come from (RL prompt order, rollout and evaluation noise). The default design
+    uses the training seed itself, as `python scope.py --seed S` does; the calibrated one derives it from (build,
+    seed), so that no two builds share a stream."""
+    if a.design != "calibrated":
+        return seed
+    return int.from_bytes(hashlib.sha256(f"build{build}-seed{seed}".encode()).digest()[:4], "little") >> 1
+
+
+def rl_data(out, build, seed, rank):
+    """The calibrated design's RL prompts of (build, seed) as a JSONL file under <out>/data/ (written once, atomically;
+    not committed): tiny_testbed.rl_rows, from the half of the problem space that no build fine-tunes on."""
+    path = out / "data" / f"rl-build{build}-seed{seed}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{rank}.tmp")
+        tmp.write_text("".join(json.dumps({"problem": r["problem"], "answer": r["answer"]}) + "\n"
+                               for r in tiny_testbed.rl_rows(build, seed)))
+        tmp.replace(path)
+    return str(path)
 
 
 def train_args(a, run, seed, out, train_over):
@@ -224,6 +272,8 @@ def check(a):
         raise ValueError("--analysis: only `recovery`, on the tiny preset")
     if a.regime not in tiny_testbed.REGIMES:
         raise ValueError(f"--regime must be one of {list(tiny_testbed.REGIMES)}, got {a.regime!r}")
+    if a.design not in ("default", "calibrated") or (a.design == "calibrated" and (a.preset != "tiny" or a.data)):
+        raise ValueError(f"--design must be default or calibrated (tiny preset, its own data), got {a.design!r}")
     runs_of(a)
 
 
@@ -284,6 +334,11 @@ def run(argv=None):
                 student, teacher = build_dirs(a, b, log=say)
                 over.setdefault("student", str(student))
                 over.setdefault("teacher", str(teacher))
+            if a.design == "calibrated":                  # streams keyed by (build, seed); RL prompts apart from SFT
+                over.update(seed=stream_seed(a, b, seed), data=rl_data(outs[b], b, seed, rank))
+                strength = Path(over["teacher"]).parent / "strength.json"   # the teacher's validation scores
+                if rank == 0 and strength.exists():
+                    (outs[b] / "strength.json").write_text(strength.read_text())
             run_phase(a, outs[b], run, seed, over, ev, bench_names, rank, world, say)
             if ddp:
                 dist.barrier()                        # everyone has finished: eval waited on the files
@@ -320,8 +375,8 @@ def run_phase(a, out, run, seed, over, ev, bench_names, rank, world, say):
             (run_dir / "train_done.json").write_text(json.dumps({"seconds": time.time() - t0}))
         model_dir = run_dir / "checkpoint"
     # evaluate: every rank a shard of the problems, merged by rank 0 (eval.run.evaluate: no collective waits)
-    eargs = EvalArgs(model=str(model_dir), benchmarks=",".join(bench_names), out_dir=str(run_dir / "eval"), seed=seed,
-                     **ev)
+    eargs = EvalArgs(model=str(model_dir), benchmarks=",".join(bench_names), out_dir=str(run_dir / "eval"),
+                     seed=targs.seed, **ev)                  # the run's stream seed (stream_seed)
     if (run_dir / "eval" / "results.json").exists():
         say(f"  evaluation done earlier: {run_dir / 'eval' / 'results.json'}")
     else:

@@ -63,6 +63,60 @@ def tiny_task(split, n, seed=0):
     return [dict(tiny_problem(rng, TINY_LEVELS[i % len(TINY_LEVELS)]), id=f"tiny-{split}-{i}") for i in range(n)]
 
 
+# ----------------------------------------------------------------------------------------------------
+# the study's recipe (docs/reproducing.md): SFT and RL problems from disjoint halves of the problem space, a
+# validation split apart from the test split, and a teacher trained until it reaches a stated accuracy on it
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Calibrated:
+    """How the study's builds are made. Every build fine-tunes on problems of the "sft" half of the problem space (a
+    hash of the problem text decides the half) and its RL runs draw from the "rl" half, so no RL prompt is an SFT
+    problem of any build; each training seed of each build has its own RL stream. The teacher trains its recipe's
+    steps, then `stage_steps` more at a tenth of its peak learning rate until its macro Avg@val_k on the validation
+    split reaches `target`, at most `max_stages` times; a build that does not reach it is recorded as such."""
+    target: float = 0.90
+    stage_steps: int = 190
+    max_stages: int = 3
+    val_per_level: int = 128
+    val_k: int = 4
+
+
+CALIBRATED = Calibrated()
+
+
+def half(problem):
+    """"sft" or "rl": the half of the problem space a problem text belongs to (first byte of its sha256)."""
+    return "sft" if hashlib.sha256(problem.encode()).digest()[0] % 2 == 0 else "rl"
+
+
+def tiny_rows(stream, n, part=None, exclude=frozenset()):
+    """n problems of the random stream named `stream`, levels cycling, each drawn until it is in `part` (a half) and
+    its text is not in `exclude`."""
+    rng, out = random.Random(stream), []
+    for i in range(n):
+        level = TINY_LEVELS[i % len(TINY_LEVELS)]
+        while True:
+            row = tiny_problem(rng, level)
+            if (part is None or half(row["problem"]) == part) and row["problem"] not in exclude:
+                break
+        out.append(dict(row, id=f"{stream}-{i}"))
+    return out
+
+
+def sft_rows(build):
+    return tiny_rows(f"sft-build{build}", 20000, "sft")
+
+
+def rl_rows(build, seed):
+    return tiny_rows(f"rl-build{build}-seed{seed}", 20000, "rl")
+
+
+def validation_rows(per_level):
+    """The validation split of the teacher's stopping rule: no problem text of the test split (tiny_task("test"))."""
+    test = frozenset(r["problem"] for r in tiny_task("test", 1024, 0))
+    return tiny_rows("validation", per_level * len(TINY_LEVELS), exclude=test)
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %} A: {% endif %}")
 
@@ -168,14 +222,15 @@ def embedded_default(args, rows, log):
 # ----------------------------------------------------------------------------------------------------
 # building once, safely: atomic rename of a finished build, an flock that dies with its owner
 # ----------------------------------------------------------------------------------------------------
-def _key(teacher, student, seed, threads):
+def _key(teacher, student, seed, threads, design=None):
     """The cache key: everything the built weights depend on. The thread count is part of it: a build with 2 torch
     threads sums in another order than one with 1 and trains different models (measured: the student's Avg@4 was
     39.5% built with 2 threads and 27.3% with 1)."""
     def spec(m):                                               # default-valued new fields leave old keys unchanged
         return {k: v for k, v in dataclasses.asdict(m).items() if k not in ("weak_level", "weak_keep") or
                 v != {"weak_level": "", "weak_keep": 1.0}[k]}
-    blob = json.dumps([spec(teacher), spec(student), seed, TINY_LEVELS, threads, "tiny-v3"])
+    blob = json.dumps([spec(teacher), spec(student), seed, TINY_LEVELS, threads, "tiny-v3"]
+                      + ([dataclasses.asdict(design)] if design else []))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -187,12 +242,15 @@ def _read_json(path):
 
 
 def build_tiny_models(cache_dir, teacher=TINY_TEACHER, student=TINY_STUDENT, seed=0, log=print, threads=1,
-                      wait_report_s=10.0):
+                      wait_report_s=10.0, design=None, strength=None):
     """Build (or reuse from cache_dir, keyed by their config) the tiny tokenizer, teacher and student.
     Returns (student_dir, teacher_dir). Any number of processes (torchrun ranks, parallel runs) may call it: one
     builds, the others wait and report the builder's progress. threads: torch threads for the build (1 by default:
-    on a shared or loaded machine 2 threads run several times slower than 1; docs/testbed.md, "Thread count")."""
-    root = Path(cache_dir) / f"tiny-{_key(teacher, student, seed, threads)}"
+    on a shared or loaded machine 2 threads run several times slower than 1; docs/testbed.md, "Thread count").
+    design: None (the default testbed: SFT on tiny_task("train", 20000, seed)) or a Calibrated recipe, which needs
+    strength(model, tokenizer) -> {"macro": accuracy, ...} on validation_rows (reproduce.py gives it; this module
+    imports no project code); the scores go to strength.json beside the models."""
+    root = Path(cache_dir) / f"tiny-{_key(teacher, student, seed, threads, design)}"
     dirs = root / "student", root / "teacher"
     if (root / "DONE").exists():
         return dirs
@@ -206,9 +264,23 @@ def build_tiny_models(cache_dir, teacher=TINY_TEACHER, student=TINY_STUDENT, see
         if previous.get("pid") is not None:
             log(f"tiny models: the build by process {previous['pid']} (started {previous.get('started', '?')}) "
                 f"did not finish and that process is gone; taking over and building again")
-        _build(root, teacher, student, seed, log, threads, status_path)
+        _build(root, teacher, student, seed, log, threads, status_path, design, strength)
         status_path.unlink(missing_ok=True)
     return dirs
+
+
+def _calibrate(model, tokenizer, rows, spec, seed, design, strength, teacher, status, log):
+    """Validation scores of a model just fine-tuned; a teacher trains on in stages of design.stage_steps at a tenth of
+    its peak learning rate while it is below design.target (at most design.max_stages). -> [{steps, macro, ...}]."""
+    scores = [{"steps": spec.sft_steps, **strength(model, tokenizer)}]
+    stage = dataclasses.replace(spec, sft_steps=design.stage_steps, sft_lr=spec.sft_lr / 10, warmup=1, cosine=False)
+    while teacher and scores[-1]["macro"] < design.target and len(scores) <= design.max_stages:
+        status(f"teacher: validation {100 * scores[-1]['macro']:.1f} < {100 * design.target:.0f}, stage {len(scores)}")
+        sft(model, tokenizer, rows, stage, seed + len(scores), f"tiny teacher, stage {len(scores)}")
+        scores.append({"steps": scores[-1]["steps"] + stage.sft_steps, **strength(model, tokenizer)})
+    log(f"tiny {'teacher' if teacher else 'student'}: validation macro Avg " +
+        " -> ".join(f"{100 * s['macro']:.1f} ({s['steps']} steps)" for s in scores))
+    return scores
 
 
 def _acquire(lock, status_path, log, wait_report_s):
@@ -232,7 +304,7 @@ def _acquire(lock, status_path, log, wait_report_s):
             time.sleep(0.5)
 
 
-def _build(root, teacher, student, seed, log, threads, status_path):
+def _build(root, teacher, student, seed, log, threads, status_path, design=None, strength=None):
     from transformers import AutoModelForCausalLM
     work = root.with_name(root.name + ".building")
     shutil.rmtree(work, ignore_errors=True)                   # debris of an interrupted build
@@ -248,7 +320,8 @@ def _build(root, teacher, student, seed, log, threads, status_path):
     torch.set_num_threads(threads)
     try:
         tokenizer = tiny_tokenizer()
-        rows = tiny_task("train", 20000, seed)
+        rows = sft_rows(seed) if design else tiny_task("train", 20000, seed)
+        record = {"target": design.target} if design else None
         for name, spec in (("teacher", teacher), ("student", student)):
             t0 = time.time()
             torch.manual_seed(seed)
@@ -257,10 +330,16 @@ def _build(root, teacher, student, seed, log, threads, status_path):
             keep = [r for i, r in enumerate(rows) if r["level"] != spec.weak_level or i % 1000 < 1000 * spec.weak_keep]
             sft(model, tokenizer, keep, spec, seed, f"building tiny {name}",
                 lambda s: s % every == 0 and status(f"{name}: SFT step {s}/{spec.sft_steps}"))
+            if design:
+                record[name] = _calibrate(model, tokenizer, keep, spec, seed, design, strength, name == "teacher",
+                                          status, log)
             model.save_pretrained(work / name)
             tokenizer.save_pretrained(work / name)
             log(f"built tiny {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
                 f"{spec.sft_steps} SFT steps, {threads} thread(s)) in {time.time() - t0:.0f}s")
+        if record:
+            record["reached"] = record["teacher"][-1]["macro"] >= design.target
+            (work / "strength.json").write_text(json.dumps(record, indent=1))
         (work / "DONE").touch()
         if root.exists():                                     # an old-layout build that never finished
             shutil.rmtree(root)

@@ -73,3 +73,42 @@ def test_tiny_task_is_deterministic_and_verifiable():
         assert verifier.reward(r["solution"], r["answer"]) == 1.0
         if r["level"] != "frac":                                    # a near miss is rejected
             assert verifier.reward(r["solution"], str(int(r["answer"]) + 1)) == 0.0
+
+
+def test_calibrated_rl_prompts_are_never_sft_problems_and_validation_is_apart_from_test():
+    """The study's recipe: every build fine-tunes on the "sft" half of the problem space and every RL stream draws
+    from the "rl" half, so no RL prompt of any (build, seed) is an SFT problem of any build; two builds' RL streams
+    differ; the validation split holds no test problem; every level keeps its share."""
+    sft = {b: {r["problem"] for r in tiny_testbed.sft_rows(b)} for b in (0, 1)}
+    for b in (0, 1):
+        for s in (0, 1):
+            rl = tiny_testbed.rl_rows(b, s)
+            assert len(rl) == 20000 and not {r["problem"] for r in rl} & (sft[0] | sft[1])
+            assert [r["level"] for r in rl[:8]] == list(tiny_testbed.TINY_LEVELS) * 2
+    assert [r["problem"] for r in tiny_testbed.rl_rows(0, 0)[:40]] != [r["problem"] for r in tiny_testbed.rl_rows(1, 0)[:40]]
+    val = tiny_testbed.validation_rows(64)
+    test = {r["problem"] for r in tiny_testbed.tiny_task("test", 1024, 0)}
+    assert len(val) == 256 and not {r["problem"] for r in val} & test
+    assert all(tiny_testbed.half(p) == "sft" for p in sft[0])
+
+
+def test_a_calibrated_teacher_trains_in_stages_until_it_reaches_the_target(tmp_path):
+    """The teacher trains stage after stage while its validation score is below the target, at most max_stages; the
+    scores and whether the target was reached are recorded beside the models (strength.json); the student is scored
+    once. A target the stages cannot reach is recorded as not reached, not hidden."""
+    import json
+    spec = dict(hidden=16, layers=1, heads=2, sft_lr=3e-3, sft_batch=8, warmup=2)
+    scores = iter([0.5, 0.7, 0.95, 0.3])                              # teacher: 3 stages; then the student
+    design = tiny_testbed.Calibrated(target=0.9, stage_steps=3, max_stages=3, val_per_level=1)
+    dirs = tiny_testbed.build_tiny_models(tmp_path, tiny_testbed.TinyModel(sft_steps=4, **spec),
+                                          tiny_testbed.TinyModel(sft_steps=4, **spec), log=lambda *a: None,
+                                          design=design, strength=lambda m, t: {"macro": next(scores)})
+    rec = json.loads((dirs[0].parent / "strength.json").read_text())
+    assert [s["steps"] for s in rec["teacher"]] == [4, 7, 10] and rec["reached"] and rec["target"] == 0.9
+    assert [s["macro"] for s in rec["student"]] == [0.3]
+    low = tiny_testbed.Calibrated(target=0.99, stage_steps=2, max_stages=2, val_per_level=1)
+    dirs = tiny_testbed.build_tiny_models(tmp_path, tiny_testbed.TinyModel(sft_steps=4, **spec),
+                                          tiny_testbed.TinyModel(sft_steps=4, **spec), log=lambda *a: None,
+                                          design=low, strength=lambda m, t: {"macro": 0.5})
+    rec = json.loads((dirs[0].parent / "strength.json").read_text())
+    assert len(rec["teacher"]) == 3 and rec["reached"] is False
