@@ -112,3 +112,30 @@ def test_a_calibrated_teacher_trains_in_stages_until_it_reaches_the_target(tmp_p
                                           design=low, strength=lambda m, t: {"macro": 0.5})
     rec = json.loads((dirs[0].parent / "strength.json").read_text())
     assert len(rec["teacher"]) == 3 and rec["reached"] is False
+
+
+def test_the_default_build_ships_with_the_repository(tmp_path, monkeypatch):
+    """The embedded default's two models are in the repository (testbed/) and used when the cache key matches: an empty
+    cache builds nothing, and they are RESULTS.md's models (the student's sha256 there). Another seed is still built."""
+    import hashlib
+    import pytest
+    monkeypatch.setattr(tiny_testbed, "_build", lambda *a, **k: pytest.fail("the default build was built, not used"))
+    student, teacher = tiny_testbed.build_tiny_models(tmp_path / "empty-cache")
+    assert student.parent == tiny_testbed.SHIPPED / "tiny-db1d467d93e4" and (teacher / "model.safetensors").exists()
+    sha = hashlib.sha256((student / "model.safetensors").read_bytes()).hexdigest()
+    assert f"sha256:{sha[:16]}" in (ROOT / "RESULTS.md").read_text()
+    with pytest.raises(pytest.fail.Exception, match="was built"):
+        tiny_testbed.build_tiny_models(tmp_path / "empty-cache", seed=1)
+
+
+def test_a_fresh_clone_trains_its_first_step_within_a_minute(tmp_path):
+    """`python scope.py --steps 1` with an empty cache (as on a fresh clone): the shipped models load, one step of the
+    default trains and the evaluation at the end runs, in under a minute of wall time."""
+    t0 = time.time()
+    res = subprocess.run([sys.executable, str(ROOT / "scope.py"), "--steps", "1", "--out-dir", str(tmp_path / "run"),
+                          "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    wall = time.time() - t0
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "building tiny" not in res.stderr and (tmp_path / "run" / "checkpoint").exists()
+    assert wall < 60, wall
