@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import loading
+import logprobs
 import scope
-import verifier
 import tiny_testbed
+import verifier
 
 FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 CUTS = [f"{int(100 * f)}%" for f in FRACTIONS]
@@ -49,7 +51,8 @@ def sample_student(student, tok, rows, samples, max_new_tokens, seed, chunk=32):
             for j in range(samples):
                 row = q * samples + j
                 ids = b["response_ids"][row, :int(b["response_mask"][row].sum())]
-                out.append((i, texts[row], ids, verifier.reward(texts[row], rows[i]["answer"], bool(b["truncated"][row]))))
+                ok = verifier.reward(texts[row], rows[i]["answer"], bool(b["truncated"][row]))
+                out.append((i, texts[row], ids, ok))
     return prompts, out
 
 
@@ -59,7 +62,7 @@ def teacher_ppl(teacher, tok, prompt, ids):
     batch = dict(prompt_ids=p, prompt_mask=torch.ones_like(p), response_ids=ids[None],
                  response_mask=torch.ones(1, len(ids), dtype=torch.long, device=ids.device))
     with torch.inference_mode():
-        lp = scope.sequence_logprobs(teacher, batch)                         # (1, T)
+        lp = logprobs.sequence_logprobs(teacher, batch)                         # (1, T)
     return math.exp(-float(lp.mean()))
 
 
@@ -77,9 +80,9 @@ def recovery(student_dir, teacher_dir, out, problems=192, samples=8, completions
     """Run the error-recovery analysis; writes out/recovery.json and out/recovery.png and returns the dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = scope.load_tokenizer(student_dir, "student")
-    student = scope.load_model(student_dir, "student", "float32").eval()
-    teacher = scope.load_model(teacher_dir, "teacher", "float32").eval()
+    tok = loading.load_tokenizer(student_dir, "student")
+    student = loading.load_model(student_dir, "student", "float32").eval()
+    teacher = loading.load_model(teacher_dir, "teacher", "float32").eval()
     rows = tiny_testbed.tiny_task("train", problems, seed=seed)
     log(f"recovery: sampling {problems} x {samples} student rollouts")
     prompts, rollouts = sample_student(student, tok, rows, samples, max_new_tokens, seed)
@@ -103,7 +106,8 @@ def recovery(student_dir, teacher_dir, out, problems=192, samples=8, completions
         texts = scope.decode_responses(tok, b)
         for q, (w, f) in enumerate(part):
             gold = rows[rollouts[wrong[w]][0]]["answer"]
-            ok = [verifier.reward(prefix[q] + texts[q * completions + j], gold, bool(b["truncated"][q * completions + j]))
+            ok = [verifier.reward(prefix[q] + texts[q * completions + j], gold,
+                                  bool(b["truncated"][q * completions + j]))
                   for j in range(completions)]
             rec[w][FRACTIONS.index(f)] = sum(ok) / completions
     items = [{"problem": rollouts[k][0], "level": rows[rollouts[k][0]]["level"], "ppl": ppl[w], "recovery": rec[w]}
@@ -147,7 +151,8 @@ def summarize_recovery(items, seed=0, reps=2000):
         boot = np.array([q_means(d, q, mask) for d in draws])           # (reps, 4, cuts)
         lo, hi = np.nanpercentile(boot, 2.5, axis=0), np.nanpercentile(boot, 97.5, axis=0)
         diff = boot[:, 0] - boot[:, 3]                                    # (reps, cuts) Q1 - Q4
-        return point, lo, hi, point[0] - point[3], np.nanpercentile(diff, 2.5, axis=0), np.nanpercentile(diff, 97.5, axis=0), boot
+        return (point, lo, hi, point[0] - point[3], np.nanpercentile(diff, 2.5, axis=0),
+                np.nanpercentile(diff, 97.5, axis=0), boot)
 
     def table(point, lo, hi, q, mask=None):
         out = {}
@@ -214,8 +219,8 @@ def table_md(result, where="pooled"):
                      + " | ".join(f"{100 * row[c][0]:.1f} [{100 * row[c][1]:.1f}, {100 * row[c][2]:.1f}]" for c in CUTS)
                      + " |")
     d = part["q1_minus_q4"]
-    lines.append("| **Q1 - Q4** | | " + " | ".join(f"**{100 * d[c][0]:+.1f}** [{100 * d[c][1]:+.1f}, {100 * d[c][2]:+.1f}]"
-                                                 for c in CUTS) + " |")
+    lines.append("| **Q1 - Q4** | | " + " | ".join(
+        f"**{100 * d[c][0]:+.1f}** [{100 * d[c][1]:+.1f}, {100 * d[c][2]:+.1f}]" for c in CUTS) + " |")
     lines.append("| premise | | " + " | ".join(verdict(d[c]) for c in CUTS) + " |")
     return "\n".join(lines)
 
@@ -223,11 +228,13 @@ def table_md(result, where="pooled"):
 def within_md(result):
     """Q1 - Q4 per cut with quartiles taken within each level, per level and averaged over levels."""
     part = result["within_level"]
-    lines = ["| level | rollouts | " + " | ".join(f"Q1 - Q4, cut at {c}" for c in CUTS) + " |", "|---" * (2 + len(CUTS)) + "|"]
+    lines = ["| level | rollouts | " + " | ".join(f"Q1 - Q4, cut at {c}" for c in CUTS) + " |",
+             "|---" * (2 + len(CUTS)) + "|"]
     for lv, v in part["levels"].items():
         n = sum(q["rollouts"] for q in v["quartiles"].values())
-        lines.append(f"| {lv} | {n} | " + " | ".join(f"{100 * v['q1_minus_q4'][c][0]:+.1f} [{100 * v['q1_minus_q4'][c][1]:+.1f}, "
-                                                 f"{100 * v['q1_minus_q4'][c][2]:+.1f}]" for c in CUTS) + " |")
+        lines.append(f"| {lv} | {n} | " + " | ".join(
+            f"{100 * v['q1_minus_q4'][c][0]:+.1f} [{100 * v['q1_minus_q4'][c][1]:+.1f}, "
+            f"{100 * v['q1_minus_q4'][c][2]:+.1f}]" for c in CUTS) + " |")
     d = part["q1_minus_q4"]
     lines.append("| **mean over levels** | | " + " | ".join(f"**{100 * d[c][0]:+.1f}** [{100 * d[c][1]:+.1f}, "
                                                          f"{100 * d[c][2]:+.1f}]" for c in CUTS) + " |")
@@ -266,7 +273,8 @@ def t_interval(units, level=0.95, power=0.8):
         return float(u.mean()), math.nan, math.nan, math.nan, math.nan, len(u)
     se, df = float(u.std(ddof=1) / math.sqrt(len(u))), len(u) - 1
     half = t_quantile(1 - (1 - level) / 2, df) * se
-    return float(u.mean()), float(u.mean()) - half, float(u.mean()) + half, se, half + t_quantile(power, df) * se, len(u)
+    mean = float(u.mean())
+    return mean, mean - half, mean + half, se, half + t_quantile(power, df) * se, len(u)
 
 
 def seed_macros(keys, m, bench_names):

@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import torch
 
-from runtime import all_reduce, tied_names
+from ranks import all_reduce, tied_names
 
 
 class OutDirLock:
@@ -82,7 +82,8 @@ def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         tokenizer.save_pretrained(tmp)
         torch.save(osd, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world": rt.world, "config": dataclasses.asdict(args)}))
+        state = {"step": step, "world": rt.world, "config": dataclasses.asdict(args)}
+        (tmp / "state.json").write_text(json.dumps(state))
     barrier()
     if rt.rank == 0:
         if final.exists():
@@ -93,7 +94,8 @@ def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
 
 
 # Settings a resumed run may change: they do not change what the run computes.
-RESUMABLE = {"resume", "steps", "out_dir", "threads", "eval_every", "eval_problems", "eval_k", "save_every", "cache_dir",
+RESUMABLE = {"resume", "steps", "out_dir", "threads", "eval_every", "eval_problems", "eval_k", "save_every",
+             "cache_dir",
              "micro_batch_tokens", "score_tokens", "rollout_tokens", "max_sampler_gap", "vllm_gpu_memory",
              "gradient_checkpointing", "path_grad_norms", "memory_check", "recipe"}
 
@@ -136,7 +138,8 @@ def resume(ckpt, student, opt, rt, out):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     once = rt.world > 1                                               # rank 0 reads the file and broadcasts it
     osd = load_tensors(ckpt / "optimizer.pt") if rt.rank == 0 or not once else {}
-    set_optimizer_state_dict(student, opt, osd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=once))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=once)
+    set_optimizer_state_dict(student, opt, osd, options=options)
     rng = load_tensors(ckpt / f"rng_rank{rt.rank}.pt")
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

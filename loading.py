@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from checkpoints import find_checkpoint
-from runtime import shard
 
 
 def load_tokenizer(name, what):
@@ -48,8 +47,8 @@ def _reachable(name, what):
 
 
 def load_models(args, rt, student_name, teacher_name, ckpt, teacher=True, reference=False):
-    """(tokenizer, student, teacher or None, GRPO reference or None, optimizer). The student loads in fp32 (from the
-    checkpoint when resuming), the teacher and reference in the compute dtype; FSDP2 shards the student under torchrun."""
+    """(tokenizer, student, teacher or None, GRPO reference or None). The student loads in fp32 (from the checkpoint
+    when resuming), the teacher and reference in the compute dtype; the loop shards the student under torchrun."""
     tokenizer = load_tokenizer(student_name, "student")
     student = load_model(str(ckpt) if ckpt else student_name, "student", "float32", rt.device)
     teacher = load_model(teacher_name, "teacher", args.dtype, rt.device) if teacher else None
@@ -62,10 +61,7 @@ def load_models(args, rt, student_name, teacher_name, ckpt, teacher=True, refere
             getattr(torch, args.dtype)).eval()
     if args.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    if rt.fsdp:
-        student = shard(student, args.dtype)
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return tokenizer, student, teacher, ref, opt
+    return tokenizer, student, teacher, ref
 
 
 def _problem(f, line, i=None):
@@ -115,7 +111,8 @@ def load_problems(data):
     if path.is_dir() or path.suffix == ".jsonl":
         files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
         if not files or not all(f.is_file() for f in files):
-            raise SystemExit(f"--data {data}: {'no .jsonl file in this directory' if path.is_dir() else 'no such file'}")
+            what = "no .jsonl file in this directory" if path.is_dir() else "no such file"
+            raise SystemExit(f"--data {data}: {what}")
         return JsonlProblems(files)
     if path.exists():
         raise SystemExit(f"--data {data}: expected a .jsonl file or a directory of them")
@@ -148,12 +145,15 @@ class Subset:
         return self.rows[self.keep[k]]
 
 
-def drop_long_prompts(rows, prompt_tokens, limit, say):
+def drop_long_prompts(rows, tokenizer, prompt_of, limit, say):
     """Leave out, and count, the training problems whose prompt has more than `limit` tokens (as verl's
     filter_overlong_prompts does at load), instead of stopping the run at the step that draws one.
-    prompt_tokens(problem): the prompt's token count. Only problems long enough to come near the limit are tokenized:
-    a prompt has at most (its template's tokens + the problem's UTF-8 bytes + 8) tokens, since a token covers at least
-    one byte of the text. -> rows itself when nothing is left out, else a Subset."""
+    prompt_of(problem): the prompt's text. Only problems long enough to come near the limit are tokenized: a
+    prompt has at most (its template's tokens + the problem's UTF-8 bytes + 8) tokens, since a token covers at
+    least one byte of the text. -> rows itself when nothing is left out, else a Subset."""
+    def prompt_tokens(problem):
+        return len(tokenizer(prompt_of(problem), add_special_tokens=False)["input_ids"])
+
     sizes = (rows.problem_bytes() if hasattr(rows, "problem_bytes") else
              [len(p.encode()) for p in rows["problem"]] if hasattr(rows, "column_names") else
              [len(r["problem"].encode()) for r in rows])
@@ -173,7 +173,8 @@ def step_prompts(step, n_rows, per_step, seed):
     out = []
     for j in range(step * per_step, (step + 1) * per_step):
         epoch, pos = divmod(j, n_rows)
-        out.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch), device="cpu")[pos].item())
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        out.append(torch.randperm(n_rows, generator=gen, device="cpu")[pos].item())
     return out
 
 

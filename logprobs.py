@@ -1,4 +1,5 @@
-"""Token log-probs that never build the (tokens x V) logits, with gradient: the engineering under scope.py's scoring.
+"""Token log-probs that never build the (tokens x V) logits, with gradient: the engineering under scope.py's scoring
+(sequence_logprobs: one forward pass over prompt + response; shared_prompt_logprobs: one prompt pass per group).
 
 A reader of the method needs only what these compute: log pi(y_t | x, y_<t) for the sampled tokens, at a temperature.
 At the paper's shapes (V = 151,936, 8 x 12,288 tokens a group) the logits tensor alone would be ~30 GB in bf16, so
@@ -91,3 +92,36 @@ def model_logprobs(model, targets, temperature=1.0, rows=None, **inputs):
         return model(**inputs)
     finally:
         inner.set_output_embeddings(lm_head)
+
+
+def sequence_logprobs(model, batch, temperature=1.0):
+    """Log-probs of the response tokens from one forward pass over prompt + response -> (B, T) fp32.
+    Position ids count only real tokens, so left padding does not shift positions."""
+    ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], 1)              # (B, P+T)
+    attn = torch.cat([batch["prompt_mask"], batch["response_mask"]], 1)           # (B, P+T)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    t = batch["response_ids"].shape[1]
+    return model_logprobs(model, batch["response_ids"], temperature, input_ids=ids,
+                          attention_mask=attn, position_ids=pos, logits_to_keep=t + 1).logits
+
+
+def shared_prompt_logprobs(model, batch, groups, temperature=1.0):
+    """sequence_logprobs for rows where adjacent rows of one group share a prompt (a prompt's
+    rollouts, or some of them): each prompt runs once and its KV cache serves its rows (with grad,
+    the gradient flows back through the repeated cache into the one prompt pass). -> (B, T) fp32."""
+    new = torch.ones_like(groups, dtype=torch.bool)
+    new[1:] = groups[1:] != groups[:-1]
+    first, prompt_of = new.nonzero().squeeze(1), new.long().cumsum(0) - 1   # (G,), (B,): its prompt
+    p_ids, p_mask = batch["prompt_ids"][first], batch["prompt_mask"][first]
+    resp = batch["response_ids"]
+    out = model_logprobs(model, resp[:, :1], temperature, prompt_of, input_ids=p_ids,
+                         attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values   # transformers 5.21+ / 5.x
+    cache.batch_select_indices(prompt_of)                                  # (B) rows of prompt KV
+    attn = torch.cat([batch["prompt_mask"], batch["response_mask"]], 1)    # (B, P+T)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, p_ids.shape[1]:]           # (B, T)
+    kw = {"cache" if hasattr(out, "cache") else "past_key_values": cache}
+    rest = model_logprobs(model, resp[:, 1:], temperature, input_ids=resp, attention_mask=attn,
+                          position_ids=pos, **kw)
+    return torch.cat([out.logits, rest.logits], 1)                         # (B, T): token 0, 1..T-1

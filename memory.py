@@ -11,7 +11,7 @@ import os
 
 import torch
 
-import runtime
+from ranks import all_reduce
 
 GIB = 2**30
 VLLM_CPU_KV_BYTES = 256 << 20     # vLLM's CPU build: the fixed KV cache vllm_engine.py gives it
@@ -61,14 +61,16 @@ def memory_plan(args, s, t, world, gpu_gib=0.0, ram_gib=0.0, local_ranks=1):
         rollouts = ("rollouts: KV cache (rollout_tokens)", args.rollout_tokens * kv_bytes_per_token(s, half))
         kv_cache = None
     elif cpu:                                       # the CPU build: its bf16 weights beside the trainer, a fixed cache
-        rollouts = ("rollouts: vLLM CPU engine (bf16 weights + its 256 MiB KV cache)", engine_weights + VLLM_CPU_KV_BYTES)
+        rollouts = ("rollouts: vLLM CPU engine (bf16 weights + its 256 MiB KV cache)",
+                    engine_weights + VLLM_CPU_KV_BYTES)
         kv_cache = VLLM_CPU_KV_BYTES
     else:
         share = args.vllm_gpu_memory * (gpu_gib or 80.0) * GIB
         rollouts = ("rollouts: vLLM engine awake (vllm_gpu_memory x GPU)", share)
         kv_cache = share - engine_weights - VLLM_RESERVE_GIB * GIB
     phases = {rollouts[0]: rollouts[1],
-              "scoring: teacher activations (score_tokens)": args.score_tokens * (4 * t.hidden_size + t.intermediate_size) * half,
+              "scoring: teacher activations (score_tokens)":
+                  args.score_tokens * (4 * t.hidden_size + t.intermediate_size) * half,
               "update: fp32 grads (sharded) + activations (micro_batch_tokens) + log-prob blocks": 4 * ps / world
               + args.micro_batch_tokens * per_token * half + 3 * 4 * 2**25 + 4 * root}
     peak = (sum(resident.values()) + max(phases.values())) / GIB
@@ -127,11 +129,12 @@ def print_plan(args, rt, student_name, teacher_name, say):
     if rt.rank == 0:
         with contextlib.suppress(OSError):
             gpu = torch.cuda.get_device_properties(rt.device).total_memory / GIB if rt.device.type == "cuda" else 0
-            ram, local = available_ram_gib() if rt.device.type == "cpu" else 0.0, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            ram = available_ram_gib() if rt.device.type == "cpu" else 0.0
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             s = AutoConfig.from_pretrained(student_name)
             text, peak = memory_plan(args, s, AutoConfig.from_pretrained(teacher_name), rt.world, gpu, ram, local)
             say(text)
             stop = float(args.memory_check and not fits(peak, gpu, ram, local, 12 * params(s) / GIB if ram else 0.0))
-    if runtime.all_reduce([stop], rt.device)[0]:                       # every rank stops together
+    if all_reduce([stop], rt.device)[0]:                       # every rank stops together
         raise SystemExit("the memory plan above says this layout does not fit: nothing was loaded (--memory-check "
                          "false runs it anyway)" if rt.rank == 0 else "the memory plan says this layout does not fit")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import cli
-import runtime
+import ranks
 import scope
 import tiny_testbed
 import verifier
@@ -39,7 +39,8 @@ METHODS = ["base", "grpo", "kd", "psr", "opd", "scope"]
 KNOWN = ["teacher", *METHODS]           # teacher: the teacher itself evaluated, as a reference (not a default run)
 LABELS = {"teacher": "teacher (reference)", "base": "student (no training)", "grpo": "+ GRPO", "kd": "+ KD",
           "psr": "+ PSR (correct rollouts only)", "opd": "+ OPD", "scope": "+ SCOPE"}
-# Paper Fig. 5 ablations, Fig. 6 tau sweep, and the official code's recipe (docs/method.md: where the official code differs).
+# Paper Fig. 5 ablations, Fig. 6 tau sweep, and the official code's recipe (docs/method.md: where the official code
+# differs).
 ABLATIONS = {
     "scope-no_teacher_w": dict(teacher_weight="uniform"),
     "scope-no_student_w": dict(student_weight="uniform"),
@@ -152,8 +153,8 @@ def preset_settings(a):
 
 
 def build_dirs(a, build, log=print):
-    """(student dir, teacher dir) of one tiny build of the regime: its own pair from the same recipe, seeded by the build
-    seed (initialisation, SFT data and order), built once and cached by that seed (tiny_testbed._key)."""
+    """(student dir, teacher dir) of one tiny build of the regime: its own pair from the same recipe, seeded by the
+    build seed (initialisation, SFT data and order), built once and cached by that seed (tiny_testbed._key)."""
     if a.regime not in tiny_testbed.REGIMES:
         raise ValueError(f"--regime must be one of {list(tiny_testbed.REGIMES)}, got {a.regime!r}")
     calibrated = a.design == "calibrated"
@@ -170,7 +171,7 @@ def validation_strength(model, tok, design=tiny_testbed.CALIBRATED):
     hits = {}
     for start in range(0, len(rows), 64):
         part = rows[start:start + 64]
-        seeds = runtime.row_seeds("validation", [(r["id"], j) for r in part for j in range(k)])
+        seeds = scope.row_seeds("validation", [(r["id"], j) for r in part for j in range(k)])
         b = scope.generate(model, tok, [scope.prompt_text(tok, r["problem"]) for r in part], k, 64, 1.0, seeds=seeds)
         texts = scope.decode_responses(tok, b)
         for q, r in enumerate(part):
@@ -301,7 +302,7 @@ def run(argv=None):
     import torch.distributed as dist
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:                                           # one process group for every training run
-        runtime.init_group(a.dist_timeout)
+        ranks.init_group(a.dist_timeout)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -311,7 +312,7 @@ def run(argv=None):
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     runs = runs_of(a)
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if ddp and torch.cuda.is_available() else "cpu"
-    started = scope.all_reduce([time.time() if master else 0.0], device)[0]   # rank 0's clock names the directory
+    started = ranks.all_reduce([time.time() if master else 0.0], device)[0]   # rank 0's clock names the directory
     out, a.results_md = output_paths(a, started)
     say(f"output: {out} (to resume this invocation after a crash: the same command with --out {out})", flush=True)
     if a.preset == "paper" and master:                # fail early and clearly when data cannot be reached
@@ -497,10 +498,10 @@ def ordering(res, n):
         f"({show('scope', pas)}, {show('opd', pas)}).",
     ]
     if intervals:
-        lines.append(f"- Separated by their 95% intervals: SCOPE vs OPD on Avg@{n}: "
-                     f"{'yes' if sep(s, hs, o, ho) or sep(o, ho, s, hs) else 'no (the intervals overlap)'}; OPD vs GRPO: "
-                     f"{'yes' if sep(o, ho, g, hg) or sep(g, hg, o, ho) else 'no (the intervals overlap)'}; SCOPE vs OPD on "
-                     f"Pass@{n}: {'yes' if sep(sp, hsp, op, hop) or sep(op, hop, sp, hsp) else 'no (the intervals overlap)'}.")
+        def apart(x, hx, y, hy):
+            return "yes" if sep(x, hx, y, hy) or sep(y, hy, x, hx) else "no (the intervals overlap)"
+        lines.append(f"- Separated by their 95% intervals: SCOPE vs OPD on Avg@{n}: {apart(s, hs, o, ho)}; OPD vs "
+                     f"GRPO: {apart(o, ho, g, hg)}; SCOPE vs OPD on Pass@{n}: {apart(sp, hsp, op, hop)}.")
     else:
         lines.append("- One seed only: no intervals, so no ordering here is distinguishable from seed noise.")
     return "\n".join(lines)
@@ -718,7 +719,8 @@ def study_report(out, bench_names, md_dir):
     for reg, builds in regimes.items():
         lines.append(f"- **Regime `{reg}`** ({len(builds)} build{'s' if len(builds) > 1 else ''}"
                      + (", where the premise holds by construction: its teacher saw 2% of the add5 problems, so it is "
-                        "unsure exactly where it is unreliable; the line below measures how far it holds" if reg == "weak-add5" else "") + ")")
+                        "unsure exactly where it is unreliable; the line below measures how far it holds"
+                        if reg == "weak-add5" else "") + ")")
         prem = {b: r for b, r in recs[reg].items() if r}
         if prem:
             lines.append("  - Premise, per cut (pooled quartiles): " + "; ".join(
@@ -751,14 +753,16 @@ def study_report(out, bench_names, md_dir):
         for b, d in builds.items():
             log = d / "invocations.jsonl"
             for c in ([json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []):
-                lines.append(f"- build {b}: `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])}, code {c.get('commit', '')})")
+                lines.append(f"- build {b}: `{c['command']}` ({c['date']}, {fmt_time(c['wall_s'])}, "
+                             f"code {c.get('commit', '')})")
             r = recs[reg][b]
             if r:
                 lines.append(f"- build {b}: `{r.get('command', '')}` ({r.get('date', '')}, "
                              f"{fmt_time(r.get('wall_s', 0))}, code {r.get('commit', '')})")
-        lines += ["", "**The pairs** (Avg@n on the test split; the untrained student and the teacher, each evaluated as "
-                  "the runs are):", "", "| build | teacher | student (untrained) | student accuracy on the recovery "
-                  "sample | incorrect rollouts analysed |", "|---|---|---|---|---|"]
+        lines += ["", "**The pairs** (Avg@n on the test split; the untrained student and the teacher, each "
+                  "evaluated as the runs are):", "",
+                  "| build | teacher | student (untrained) | student accuracy on the recovery sample | incorrect "
+                  "rollouts analysed |", "|---|---|---|---|---|"]
         for b, d in builds.items():
             res, r = load_results(d), recs[reg][b]
 
@@ -846,7 +850,8 @@ def relation_section(regimes, recs, comps):
     den = (sum((a - m) ** 2 for a in rx) * sum((b - m) ** 2 for b in ry)) ** 0.5
     rho = num / den if den else float("nan")
     lines += [f"Spearman rank correlation over these {len(pts)} pairs: {rho:+.2f}. With {len(pts)} pairs, "
-              f"only a perfect ordering (|rho| = 1) would be unlikely by chance (probability {2 / math.factorial(len(pts)):.3f} "
+              "only a perfect ordering (|rho| = 1) would be unlikely by chance (probability "
+              f"{2 / math.factorial(len(pts)):.3f} "
               "for either sign), and the pairs differ in more than the premise (student accuracy, teacher), so this "
               "can show a direction, not establish one.", ""]
     return lines
@@ -872,7 +877,8 @@ def git_commit():
     do not count; '' outside git)."""
     here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results",
                                 ":!RESULTS.md"], cwd=here, capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -893,7 +899,8 @@ def hardware():
                 break
     except OSError:
         pass
-    gpu = f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    cuda = torch.cuda.is_available()
+    gpu = f", {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if cuda else ", no GPU"
     return f"{cpu}, {os.cpu_count()} CPU cores{gpu}"
 
 
@@ -976,13 +983,16 @@ def write_report(a, out, bench_names):
           + (f", code {c['commit']}" if c.get("commit") else "") + ")" for c in calls],
         f"- hardware: {hardware()}",
         "- packages (as the runs' evaluations recorded them): " + "; ".join(sorted({", ".join(
-            f"{k} {v}" for k, v in r.get("versions", versions()).items()) for rs in res.values() for r in rs.values()})),
-        f"- preset: {a.preset}{' (smoke settings: checks the pipeline, says nothing about the method)' if a.smoke else ''};"
+            f"{k} {v}" for k, v in r.get("versions", versions()).items())
+            for rs in res.values() for r in rs.values()})),
+        f"- preset: {a.preset}"
+        + (" (smoke settings: checks the pipeline, says nothing about the method)" if a.smoke else "") + ";"
         f" seeds per run: {seed_note}; cells are the mean over a run's seeds, ± the 95% t-interval when it has"
         " more than one",
         *models_note(a, res),
         f"- evaluation: {n} samples per problem, Avg@{n} and unbiased Pass@{n} (%), per "
-        + ("tiny-task level (the tiny test split)" if a.preset == "tiny" else "benchmark") + "; average = macro over columns",
+        + ("tiny-task level (the tiny test split)" if a.preset == "tiny" else "benchmark")
+        + "; average = macro over columns",
         "", "## Main table (layout of the paper's Table 1)", "", results_table(res, main_runs, bench_names, n), ""]
     if a.preset == "paper":
         lines += ["## The paper's own numbers (Table 1, R1-Distill-Qwen-1.5B; NOT produced by this run)", "",
@@ -992,15 +1002,15 @@ def write_report(a, out, bench_names):
         lines += ["## SCOPE ablations", "", results_table(res, ["scope"] + abl, bench_names, n, out), "",
                   "no_teacher_w / no_student_w: that path's weights uniform; uniform: both; reversed_*: the exponent's "
                   "sign flipped; tau0.5 / tau2: weight temperature; official: the released scripts' recipe (mean-1 "
-                  "weights, reversed student weight, token-mean, student log-probs at the sampling temperature); a label "
-                  "in brackets gives a run's sampling temperature and grader where they are not the defaults (T 1, "
-                  "is_equiv).", ""]
+                  "weights, reversed student weight, token-mean, student log-probs at the sampling temperature); a "
+                  "label in brackets gives a run's sampling temperature and grader where they are not the defaults "
+                  "(T 1, is_equiv).", ""]
     lines += ["## Does the paper's ordering hold here?", "", ordering(res, n), ""]
     pt = paired_table(out, res, runs, bench_names, n)
     if pt:
         lines += ["## Paired differences", "", "Paired by seed and problem; 95% t-intervals over the seeds (each "
-                  "seed's macro average), smallest detectable difference (t_0.975 + t_0.80) standard errors on the same "
-                  "degrees of freedom (analysis.study_interval).", "", pt, ""]
+                  "seed's macro average), smallest detectable difference (t_0.975 + t_0.80) standard errors on the "
+                  "same degrees of freedom (analysis.study_interval).", "", pt, ""]
     if "base" in res:
         lines += ["## Pass@k (paper section 2.1, Fig. 1a)", "", pass_at_k_table(res, n), ""]
     study = study_report(out, bench_names, Path(a.results_md).parent)

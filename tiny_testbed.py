@@ -26,7 +26,6 @@ from pathlib import Path
 import sympy
 import torch
 
-
 # ----------------------------------------------------------------------------------------------------
 # the task: +/- chains of digits (3, 4, 5 terms) and same-denominator fractions, with chain-of-thought solutions
 # ----------------------------------------------------------------------------------------------------
@@ -34,7 +33,8 @@ TINY_LEVELS = ("add3", "add4", "add5", "frac")
 
 
 def tiny_problem(rng, level):
-    """One problem: {"problem", "answer", "solution", "level"}; the solution is a chain of thought ending in \\boxed{}."""
+    """One problem: {"problem", "answer", "solution", "level"}; the solution is a chain of thought ending in
+    \\boxed{}."""
     if level == "frac":
         den = rng.randint(2, 9)
         a, b = rng.randint(1, den), rng.randint(1, den)
@@ -157,8 +157,8 @@ TINY_TEACHER = TinyModel(hidden=192, layers=4, heads=6, sft_steps=380, sft_lr=2e
 # Head size 32 for both (teacher 192 / 6, student 96 / 3): vLLM's CPU attention takes 32, 64, 80, ... but not 24
 # (the student had 4 heads of 24 until 2026-11-30; same parameter count, the attention split differs).
 TINY_STUDENT = TinyModel(hidden=96, layers=3, heads=3, sft_steps=280, sft_lr=3e-3)
-# The second regime (docs/reproducing.md, --regime): the same teacher trained on 2% of the add5 problems, so it is unsure
-# (high perplexity) and unreliable exactly there and reliable elsewhere.
+# The second regime (docs/reproducing.md, --regime): the same teacher trained on 2% of the add5 problems, so it is
+# unsure (high perplexity) and unreliable exactly there and reliable elsewhere.
 WEAK_TEACHER = dataclasses.replace(TINY_TEACHER, weak_level="add5", weak_keep=0.02)
 REGIMES = {"default": TINY_TEACHER, "weak-add5": WEAK_TEACHER}
 
@@ -195,7 +195,8 @@ def sft(model, tokenizer, rows, spec, seed, desc, progress=lambda step: None):
         for r, (p, a) in enumerate(zip(prompts, answers)):
             ids[r, :len(p) + len(a)] = torch.tensor(p + a, device="cpu")
             labels[r, len(p):len(p) + len(a)] = torch.tensor(a, device="cpu")
-        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tokenizer.pad_token_id), labels=labels).loss
+        attention = (labels != -100) | (ids != tokenizer.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -223,8 +224,8 @@ def embedded_default(args, rows, log):
 # building once, safely: atomic rename of a finished build, an flock that dies with its owner
 # ----------------------------------------------------------------------------------------------------
 # The default build's two models (the embedded default: TINY_TEACHER, TINY_STUDENT, build seed 0, 1 thread), shipped
-# in the repository so that every machine trains and evaluates the same models as RESULTS.md, at once. A build of the
-# same recipe on another CPU gives other weights (docs/testbed.md); the shipped ones are used when the cache key matches.
+# in the repository so that every machine trains and evaluates the same models as RESULTS.md, at once. A build of
+# the same recipe on another CPU gives other weights (docs/testbed.md); the shipped ones serve when the key matches.
 SHIPPED = Path(__file__).resolve().parent / "testbed"
 
 
@@ -301,7 +302,8 @@ def _acquire(lock, status_path, log, wait_report_s):
     last, last_time = None, 0.0
     while True:
         s = _read_json(status_path)
-        line = f"tiny models: waiting for process {s.get('pid', '?')}, which is building them ({s.get('progress', 'starting')})"
+        line = (f"tiny models: waiting for process {s.get('pid', '?')}, which is building them "
+                f"({s.get('progress', 'starting')})")
         if last is None or (line != last and time.time() - last_time >= wait_report_s):
             log(line)
             last, last_time = line, time.time()

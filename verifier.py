@@ -8,9 +8,10 @@
     official_reward(response, gold, truncated)   the released code's grader (exact string match after the MATH
                                         normalisation), the option --grader official
 
-What counts as equal (decimals, percent, units, "x = 5" against 5, lists of boxes) is a policy, written in docs/verifier.md
-("verifier policy") and the same in training and evaluation. Replacing this module with another verifier (math-verify,
-a benchmark's own grader) changes nothing else in scope.py: the loop only calls reward / official_reward.
+What counts as equal (decimals, percent, units, "x = 5" against 5, lists of boxes) is a policy, written in
+docs/verifier.md ("verifier policy") and the same in training and evaluation. Replacing this module with another
+verifier (math-verify, a benchmark's own grader) changes nothing else in scope.py: the loop only calls reward /
+official_reward.
 """
 
 import math
@@ -147,7 +148,10 @@ def _split_top(s, seps):
 
 
 # ---- the restricted LaTeX -> sympy translator ----
-_TOKEN_RE = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)|(\\[a-zA-Z]+|\\[{}|])|([a-zA-Z])|(<=|>=|!=|\*\*|[-+*/^_()\[\]{}!|,=<>']))")
+_TOKEN_RE = re.compile(r"\s*(?:(\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"   # a number
+                       r"|(\\[a-zA-Z]+|\\[{}|])"                               # a command
+                       r"|([a-zA-Z])"                                               # a letter
+                       r"|(<=|>=|!=|\*\*|[-+*/^_()\[\]{}!|,=<>']))")             # an operator
 _FUNCS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot, "sec": sympy.sec,
           "csc": sympy.csc, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan, "sinh": sympy.sinh,
           "cosh": sympy.cosh, "tanh": sympy.tanh, "exp": sympy.exp, "ln": sympy.log, "log": sympy.log}
@@ -170,11 +174,11 @@ def _tokenize(s):
 
 
 class _Parser:
-    """expr := term (+|- term)* ; term := unary ((*|/|\\cdot|\\times|implicit) unary)* ;
-    unary := (+|-) unary | power ; power := postfix (^ unary)? ; postfix := atom (!)* ;
-    atom := number | letter[_sub] | \\pi | \\infty | greek | (expr) | {expr} | |expr| | \\frac | \\sqrt | \\binom | func.
-    Conventions: e is Euler's number, i the imaginary unit, `2e5` scientific notation, `3\\frac{1}{2}` (an
-    integer then a numeric \\frac) the mixed number 3 + 1/2, juxtaposition multiplies."""
+    """expr := term (+|- term)* ; term := unary ((*|/|\\cdot|\\times|implicit) unary)* ; unary := (+|-) unary | power ;
+    power := postfix (^ unary)? ; postfix := atom (!)* ; atom := number | letter[_sub] | \\pi | \\infty | greek | (expr)
+    | {expr} | |expr| | \\frac | \\sqrt | \\binom | func. Conventions: e is Euler's number, i the imaginary unit, `2e5`
+    scientific notation, `3\\frac{1}{2}` (an integer then a numeric \\frac) the mixed number 3 + 1/2, juxtaposition
+    multiplies."""
 
     def __init__(self, text, deadline):
         self.toks, self.i, self.depth, self.nodes, self.deadline = _tokenize(text), 0, 0, 0, deadline
@@ -558,7 +562,8 @@ def _struct_equal(a, b, deadline):
     if kind == "expr":
         return _expr_equal(a[1], b[1])
     if kind == "seq":
-        return a[1] == b[1] and len(a[2]) == len(b[2]) and all(_struct_equal(x, y, deadline) for x, y in zip(a[2], b[2]))
+        return (a[1] == b[1] and len(a[2]) == len(b[2])
+                and all(_struct_equal(x, y, deadline) for x, y in zip(a[2], b[2])))
     if kind == "matrix":
         return [len(r) for r in a[1]] == [len(r) for r in b[1]] and all(
             _expr_equal(x, y) for ra, rb in zip(a[1], b[1]) for x, y in zip(ra, rb))

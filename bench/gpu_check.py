@@ -188,8 +188,9 @@ def paper_shaped_step(dry, device, new_tokens):
                                                          seeds=None))
     batch["rewards"] = (torch.arange(16, device=device) % 2).float()        # both paths get rollouts
     batch["groups"] = torch.arange(2, device=device).repeat_interleave(8)
-    lp_t = phase("score", lambda: scope.score_logprobs(teacher, batch, batch["groups"], args.score_tokens))
-    phase("update", lambda: scope.update_student(args, rt, student, opt, batch, lp_t, None))
+    batch["logp_teacher"] = phase("score", lambda: scope.score_logprobs(teacher, batch, batch["groups"],
+                                                                        args.score_tokens))
+    phase("update", lambda: scope.update_student(args, rt, student, opt, batch))
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else math.inf
     peak = max((p["peak_gib"] or 0.0) for p in phases.values())
     return verdict(peak < 0.9 * total, f"peak < 90% of the GPU ({0.9 * total:.0f} GiB)" if cuda else "runs",
@@ -200,12 +201,13 @@ def vllm_checks(dry, work, device, report, save):
     """(c), when vllm imports: the engine path the CPU build cannot run completely, in one held process group (as
     reproduce.py holds it)."""
     import torch.distributed as dist
-    import runtime
+
+    import ranks
     import vllm_engine
     out = report["c_vllm"]
     student, teacher = tiny_models(dry, work)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    runtime.init_group(600)
+    ranks.init_group(600)
     try:
         runs, engines = {"scope-vllm": {}, "opd-vllm": dict(method="opd")}, []
         if device.type == "cuda":
@@ -245,8 +247,10 @@ def fixed_sequences(dry, work, student, teacher, device):
     """After each of 3 AdamW steps at lr 3e-3 and a push, the engine's log-probs of fixed sequences against the fp32
     trainer's: within what a bf16 copy of the trainer is off (mean <= 1.5 x + 0.005)."""
     import copy
-    import vllm_engine
+
     from vllm import SamplingParams
+
+    import vllm_engine
     tok = loading.load_tokenizer(str(student), "student")
     model = loading.load_model(str(student), "student", "float32", device)
     engine = vllm_engine.VLLMRollouts(tiny_args(dry, work, student, teacher, "sync", rollout_engine="vllm",
@@ -281,9 +285,11 @@ def fixed_sequences(dry, work, student, teacher, device):
 
 def teardown_while_asleep(dry, work, student, teacher, device):
     """Sleep, close, build a second engine, generate: closing an engine that sleeps must leave the next one working
-    (vllm_engine.close_engine wakes it first, runs vLLM's cleanup and checks the allocator). Needs sleep mode (a GPU)."""
-    import vllm_engine
+    (vllm_engine.close_engine wakes it first, runs vLLM's cleanup and checks the allocator). Needs sleep mode (a GPU).
+    """
     from vllm.platforms import current_platform
+
+    import vllm_engine
     if not current_platform.is_sleep_mode_available():
         return verdict(False, "needs sleep mode", error="cannot run here: this platform has no sleep mode (a GPU "
                                                         "with vllm runs it)")

@@ -1,4 +1,4 @@
-"""Peak extra memory and time of scope.token_logprobs (fused: hidden states and output weight in, no (tokens x V)
+"""Peak extra memory and time of logprobs.token_logprobs (fused: hidden states and output weight in, no (tokens x V)
 logits) against the HF-logits path (logits = h @ W.T as the model's lm_head makes them, then
 log_softmax(logits.float() / T).gather), forward + backward to both the hidden states and the weight.
 
@@ -28,7 +28,8 @@ def rss_kib(field):
 
 def one(method, dtype, tokens, hidden, vocab, device):
     import torch
-    import scope
+
+    import logprobs
     torch.set_num_threads(1)
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
@@ -42,7 +43,7 @@ def one(method, dtype, tokens, hidden, vocab, device):
             return torch.log_softmax(logits.float() / 0.6, -1).gather(-1, ids[:, None]).squeeze(-1)
     else:
         def fn():
-            return scope.token_logprobs(h[None], w, ids[None], 0.6)[0]
+            return logprobs.token_logprobs(h[None], w, ids[None], 0.6)[0]
     cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()

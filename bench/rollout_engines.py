@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
+import loading  # noqa: E402
 import scope  # noqa: E402
 import tiny_testbed  # noqa: E402
 
@@ -27,11 +28,12 @@ def main():
     torch.set_num_threads(a.threads)
     args = scope.Args(rollout_engine="vllm", threads=a.threads)
     student, _ = tiny_testbed.build_tiny_models(args.cache_dir, threads=a.threads)
-    tok = scope.load_tokenizer(str(student), "student")
-    model = scope.load_model(str(student), "student", "float32")
+    tok = loading.load_tokenizer(str(student), "student")
+    model = loading.load_model(str(student), "student", "float32")
     rows = tiny_testbed.tiny_task("train", 20000, args.seed)
     t0 = time.time()
     import vllm  # noqa: F401
+
     import vllm_engine
     t_import = time.time() - t0
     t0 = time.time()
@@ -40,7 +42,7 @@ def main():
     times = {"hf": [], "vllm": [], "vllm_push": []}
     tokens = {"hf": [], "vllm": []}
     for step in range(a.steps + 1):                                   # step 0: warm-up, not counted
-        idx = scope.step_prompts(step, len(rows), args.prompts_per_step, args.seed)
+        idx = loading.step_prompts(step, len(rows), args.prompts_per_step, args.seed)
         prompts = [scope.prompt_text(tok, rows[i]["problem"]) for i in idx]
         for name in ("hf", "vllm") if step % 2 else ("vllm", "hf"):
             t0 = time.time()

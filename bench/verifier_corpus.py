@@ -1,15 +1,14 @@
-"""The verifier on the independent corpus (tests/verifier_corpus.jsonl, cases from public verifiers' test suites,
-built by bench/build_verifier_corpus.py): balanced accuracy, false-accept rate and latency, beside math-verify on
-the same cases when it is importable (a developer's comparison, not a dependency).
+"""The verifier on the independent corpus (tests/verifier_corpus.jsonl, cases from public verifiers' test suites, built
+by bench/build_verifier_corpus.py): balanced accuracy, false-accept rate and latency, beside math-verify on the same
+cases when it is importable (a developer's comparison, not a dependency).
 
     python bench/verifier_corpus.py            # summary table
     python bench/verifier_corpus.py --misses   # also every case the verifier gets wrong
 
-Each case is judged as the evaluation judges a response: eval.extract.evaluation_answer(pred) finds the final answer (the
-last box, else "final answer is ...", else the last math span, else the last number), and verifier.is_equiv compares
-it with the gold answer (its own box / $...$ removed). Accuracy is against the project's label (`label`, which
-equals the upstream label except where docs/verifier.md says otherwise); the upstream-label figures are
-printed too.
+Each case is judged as the evaluation judges a response: eval.extract.evaluation_answer(pred) finds the final answer
+(the last box, else "final answer is ...", else the last math span, else the last number), and verifier.is_equiv
+compares it with the gold answer (its own box / $...$ removed). Accuracy is against the project's label (`label`, which
+equals the upstream label except where docs/verifier.md says otherwise); the upstream-label figures are printed too.
 """
 import argparse
 import json

@@ -110,5 +110,6 @@ def load_hub(b):
     for i, r in enumerate(ds):
         answer = r[b.hf_answer]
         answer = answer[0] if isinstance(answer, list) else answer
-        rows.append({"id": str(r.get("id", i)), "problem": r[b.hf_problem], "answer": str(answer).replace("$", "").strip()})
+        rows.append({"id": str(r.get("id", i)), "problem": r[b.hf_problem],
+                     "answer": str(answer).replace("$", "").strip()})
     return rows

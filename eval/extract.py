@@ -21,7 +21,8 @@ def _has_prose(text):
     return bool(re.search(r"(?<!\\)\b[a-zA-Z]{4,}\b|[\u3040-\u30ff\u4e00-\u9fff]", text))   # or CJK text
 
 
-_MARKER_RE = re.compile(r"^[ \t]*(?:####\s*(?P<gsm>\S.*)|A:[ \t]*(?P<qa>\S.*)|#+[ \t]*Answer[ \t]*:?[ \t]*$)", re.M | re.I)
+_MARKER_RE = re.compile(r"^[ \t]*(?:####\s*(?P<gsm>\S.*)|A:[ \t]*(?P<qa>\S.*)|#+[ \t]*Answer[ \t]*:?[ \t]*$)",
+                        re.M | re.I)
 _FILLER_RE = re.compile(r"^(?:\**\s*)(?:(?:indeed|simply|just|exactly|actually|clearly|therefore|thus|then|precisely|"
                         r"given by|equal to|equals|now|still|also)\b[\s,:]*)+", re.I)
 
@@ -74,7 +75,8 @@ def evaluation_answer(text):
     markers = list(_MARKER_RE.finditer(tail))
     if markers:
         m = markers[-1]
-        found = m.group("gsm") or m.group("qa") or next((x.strip() for x in tail[m.end():].splitlines() if x.strip()), "")
+        after = next((x.strip() for x in tail[m.end():].splitlines() if x.strip()), "")
+        found = m.group("gsm") or m.group("qa") or after
         found = found.strip().strip("$").strip().rstrip(".").strip()
         if found:
             return found

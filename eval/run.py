@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import cli
-import runtime
+import loading
+import ranks
 import scope
 import verifier
 import vllm_engine
@@ -26,7 +27,8 @@ class EvalArgs:
     model: str = ""
     """model to evaluate: local path or Hugging Face id"""
     preset: str = "paper"
-    """paper: the paper's sampling (docs/method.md) (n 32, T 0.6, top-p 0.95, top-k 20, 32768 tokens); tiny: small values"""
+    """paper: the paper's sampling (docs/method.md) (n 32, T 0.6, top-p 0.95, top-k 20, 32768 tokens); tiny: small
+    values"""
     benchmarks: str = ""
     """comma-separated names (math500, aime24, aime25, amc23, minerva, olympiadbench, tiny); empty = the preset's"""
     n: int = 0
@@ -99,8 +101,8 @@ class HFBackend:
 
     def __init__(self, args):
         self.args = args
-        self.tokenizer = scope.load_tokenizer(args.model, "model")
-        self.model = scope.load_model(args.model, "model", args.dtype, _device())
+        self.tokenizer = loading.load_tokenizer(args.model, "model")
+        self.model = loading.load_model(args.model, "model", args.dtype, _device())
 
     def __call__(self, bench, rows, n):
         a = self.args
@@ -112,16 +114,17 @@ class HFBackend:
 
 
 class VLLMBackend:
-    """vLLM's LLM.generate with SamplingParams(n, seed) per problem (imported only here; the engine is vllm_engine.get_engine,
-    one per process, inside it: external_launcher). Prompts go in as token ids from the HF tokenizer, exactly as the hf
-    backend makes them (given a string, vLLM would add special tokens: a second BOS with R1-Distill's add_bos_token),
-    and the sampled ids are decoded by that tokenizer too; vLLM loads none (skip_tokenizer_init). max_model_len = the
-    longest prompt + max_tokens. Under torchrun every rank runs its own engine on its own device, on its shard."""
+    """vLLM's LLM.generate with SamplingParams(n, seed) per problem (imported only here; the engine is
+    vllm_engine.get_engine, one per process, inside it: external_launcher). Prompts go in as token ids from the HF
+    tokenizer, exactly as the hf backend makes them (given a string, vLLM would add special tokens: a second BOS with
+    R1-Distill's add_bos_token), and the sampled ids are decoded by that tokenizer too; vLLM loads none
+    (skip_tokenizer_init). max_model_len = the longest prompt + max_tokens. Under torchrun every rank runs its own
+    engine on its own device, on its shard."""
 
     def __init__(self, args, rows, world=1):
         from transformers import AutoConfig
         vllm_engine.import_vllm()                                           # a clear error first when vllm is missing
-        self.tokenizer = scope.load_tokenizer(args.model, "model")
+        self.tokenizer = loading.load_tokenizer(args.model, "model")
         longest = max(len(prompt_ids(self.tokenizer, r, args.instruction)) for r in rows)   # every prompt it will see
         limit = AutoConfig.from_pretrained(args.model).max_position_embeddings
         if longest + args.max_tokens > limit:
@@ -137,7 +140,8 @@ class VLLMBackend:
         params = [SamplingParams(n=n, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k or -1,
                                  max_tokens=a.max_tokens, seed=sample_seed(a.seed, bench, r["id"], 0) % 2**31,
                                  stop_token_ids=[tok.eos_token_id], detokenize=False) for r in rows]
-        outs = vllm_engine.engine().generate(prompts, params, use_tqdm=False)   # no reference kept: close_engine frees it
+        # no reference kept: close_engine frees it
+        outs = vllm_engine.engine().generate(prompts, params, use_tqdm=False)
         return [[(tok.decode(c.token_ids, skip_special_tokens=True), c.finish_reason == "length") for c in o.outputs]
                 for o in outs]
 
@@ -149,6 +153,7 @@ def prompt_ids(tokenizer, row, instruction):
 def _device():
     """This rank's GPU (LOCAL_RANK under torchrun), else the CPU."""
     import os
+
     import torch
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
 
@@ -183,7 +188,9 @@ def evaluate(args, generator=None, progress=True, rank=0, world=1):
         return out / (f"{name}.samples.jsonl" if world == 1 else f"{name}.samples.rank{r}of{world}.jsonl")
 
     def backend():
-        return HFBackend(args) if args.backend == "hf" else VLLMBackend(args, [r for rs in data.values() for r in rs], world)
+        if args.backend == "hf":
+            return HFBackend(args)
+        return VLLMBackend(args, [r for rs in data.values() for r in rs], world)
 
     if generator is None and args.backend == "vllm" and world > 1:   # building engines is collective: every rank,
         generator = backend()                                         # even one with nothing to do
@@ -202,7 +209,8 @@ def evaluate(args, generator=None, progress=True, rank=0, world=1):
                 chunk = todo[i:i + step]
                 for r, res in zip(chunk, generator(name, chunk, args.n)):
                     for j, (text, truncated) in enumerate(res):
-                        rec = {"problem_id": r["id"], "sample": j, "response": text, "extracted": verifier.extract_boxed(text),
+                        rec = {"problem_id": r["id"], "sample": j, "response": text,
+                               "extracted": verifier.extract_boxed(text),
                                "answer": extract.evaluation_answer(text) if args.extraction == "lenient" else None,
                                "correct": bool(extract.verify(text, r["answer"], truncated, args.extraction)),
                                "truncated": truncated}
@@ -278,7 +286,8 @@ def table(results):
     rows = list(results["benchmarks"].items()) + [("macro average", results["macro_average"])]
     for name, m in rows:
         lines.append(f"| {name} | {100 * m[f'avg@{n}']:.1f} | {100 * m[f'pass@{n}']:.1f} | "
-                     f"{100 * m[f'pass@{n}_bootstrap']:.1f} | {100 * m['truncated_frac']:.1f}% | {100 * m['no_box_frac']:.1f}% |")
+                     f"{100 * m[f'pass@{n}_bootstrap']:.1f} | {100 * m['truncated_frac']:.1f}% | "
+                     f"{100 * m['no_box_frac']:.1f}% |")
     return "\n".join(lines)
 
 
@@ -295,7 +304,7 @@ def main(argv=None):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:                                  # torchrun: one engine per GPU; the vllm backend joins this group
         import torch.distributed as dist
-        runtime.init_group(args.dist_timeout)
+        ranks.init_group(args.dist_timeout)
     try:
         results = evaluate(args, rank=rank, world=world)
     except benchmarks.DataError as e:                                 # names the file, line, field: no traceback

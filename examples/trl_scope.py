@@ -14,7 +14,7 @@ Different, by TRL: rollouts come from its own generate (no per-rollout seeds, so
 pi_old is the student's log-probs recomputed after generation (scope.py records the sampler's; no sampler gap check);
 TRL shuffles a generation batch's rows before its micro-batches (harmless: weights and counts belong to the whole
 batch). Replaced or switched off because they would change the method: TRL's advantages and loss, its log-probs (on
-logits / temperature, with positions that count left padding: scope.sequence_logprobs instead), its KL to a reference
+logits / temperature, with positions that count left padding: logprobs.sequence_logprobs instead), its KL to a reference
 (beta=0), masking of truncated completions (they stay, with reward 0, on the OPD path), several updates per batch.
 """
 import argparse
@@ -26,6 +26,8 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import loading  # noqa: E402
+import logprobs  # noqa: E402
 import scope  # noqa: E402
 import verifier  # noqa: E402
 
@@ -46,7 +48,8 @@ class SCOPETrainer(GRPOTrainer):
         """R_i in {0, 1} (scope.py's phase 2): the last box against the gold answer; 0 when no eos came (cut off)."""
         eos = self.processing_class.eos_token_id
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]   # chat prompts: messages
-        return [verifier.reward(t, gold, truncated=eos not in ids) for t, gold, ids in zip(texts, answer, completion_ids)]
+        return [verifier.reward(t, gold, truncated=eos not in ids)
+                for t, gold, ids in zip(texts, answer, completion_ids)]
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)   # gathered: all ranks
@@ -60,12 +63,13 @@ class SCOPETrainer(GRPOTrainer):
         n = self.num_generations
         if len(self._rewards) % n:
             raise ValueError(f"a rank's generation batch ({len(self._rewards)} rows) must hold whole groups of {n}")
-        batch = {"prompt_ids": out["prompt_ids"], "prompt_mask": out["prompt_mask"],  # TRL -> scope: left-padded prompts
+        # TRL -> scope: left-padded prompts
+        batch = {"prompt_ids": out["prompt_ids"], "prompt_mask": out["prompt_mask"],
                  "response_ids": out["completion_ids"],           # TRL -> scope: completions are the responses,
                  "response_mask": out["completion_mask"]}         # right-padded, mask up to and including eos
         groups = torch.arange(len(self._rewards), device=self._rewards.device) // n   # TRL -> scope: rows come in
         logp_old = self.logprobs(self.model, out)                                     # groups of N, prompt-major
-        logp_teacher = scope.sequence_logprobs(self.teacher, batch)[:, :logp_old.shape[1]].float()   # (B, T) T_it
+        logp_teacher = logprobs.sequence_logprobs(self.teacher, batch)[:, :logp_old.shape[1]].float()   # (B, T) T_it
         weights = scope.scope_weights(logp_old, logp_teacher, batch["response_mask"], groups, self._rewards,
                                       self.tau)                     # eq. 4-5 on whole groups, before TRL splits them
         local = scope.batch_counts(batch["response_mask"], self._rewards, groups, group_size=n)
@@ -79,14 +83,15 @@ class SCOPETrainer(GRPOTrainer):
     def logprobs(model, inputs):
         """s_it: log-probs of the completion tokens at T = 1 by scope.py (fused, positions from the mask), rather than
         TRL's forward, which takes them on logits / temperature and positions that count left padding. (B, T)"""
-        return scope.sequence_logprobs(model, {"prompt_ids": inputs["prompt_ids"], "prompt_mask": inputs["prompt_mask"],
+        return logprobs.sequence_logprobs(model, {"prompt_ids": inputs["prompt_ids"],
+                                                  "prompt_mask": inputs["prompt_mask"],
                                                "response_ids": inputs["completion_ids"],   # TRL -> scope
                                                "response_mask": inputs["completion_mask"]})
 
     def _compute_loss(self, model, inputs):
         loss, metrics = scope.scope_loss(self.logprobs(model, inputs), inputs["logp_old"], inputs["logp_teacher"],
                                          inputs["completion_mask"], inputs["scope_rewards"], inputs["scope_weights"],
-                                         inputs["scope_groups"], "paper", self._counts)   # eq. 6, global counts
+                                         group_ids=inputs["scope_groups"], counts=self._counts)   # eq. 6, global
         for k, v in metrics.items():
             self._metrics["train"][k].append(v)
         return loss                        # TRL takes it as already scaled for gradient accumulation: summed, as here
@@ -95,17 +100,17 @@ class SCOPETrainer(GRPOTrainer):
 def load_data(args):
     """(student, teacher, tokenizer, dataset with prompt (chat messages, as scope.prompt_text builds) and answer)."""
     if args.student:
-        rows = list(scope.load_problems(args.data))
+        rows = list(loading.load_problems(args.data))
         student, teacher = args.student, args.teacher
     else:                                                          # the tiny testbed (harness)
         import tiny_testbed
         student, teacher = map(str, tiny_testbed.build_tiny_models(".cache/scope"))
         rows = tiny_testbed.tiny_task("train", 20000, args.seed)
-    tok = scope.load_tokenizer(student, "student")
+    tok = loading.load_tokenizer(student, "student")
     messages = [[{"role": "user", "content": r["problem"] + (" " + args.instruction if args.instruction else "")}]
                 for r in rows]
     dtype = "bfloat16" if args.bf16 else "float32"
-    return (scope.load_model(student, "student", "float32"), scope.load_model(teacher, "teacher", dtype), tok,
+    return (loading.load_model(student, "student", "float32"), loading.load_model(teacher, "teacher", dtype), tok,
             Dataset.from_dict({"prompt": messages, "answer": [r["answer"] for r in rows]}))
 
 

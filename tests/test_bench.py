@@ -64,8 +64,8 @@ def test_gpu_check_without_vllm_says_fail_not_skip(tmp_path):
 
 @pytest.mark.parametrize("path,cls", [("eval/run.py", "VLLMBackend"), ("vllm_engine.py", None)])
 def test_vllm_api_check_lists_every_vllm_name_the_code_uses(path, cls):
-    """bench/vllm_api_check.py checks USES against vLLM's source (docs/evaluation.md); this keeps USES in step with the code:
-    every keyword passed to LLM(...) / SamplingParams(...), every method called on the engine and every attribute
+    """bench/vllm_api_check.py checks USES against vLLM's source (docs/evaluation.md); this keeps USES in step with the
+    code: every keyword passed to LLM(...) / SamplingParams(...), every method called on the engine and every attribute
     read from its outputs in vllm_engine.py and eval's VLLMBackend is in USES."""
     import ast
     sys.path.insert(0, str(ROOT / "bench"))

@@ -4,10 +4,13 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
+import baselines
+import logprobs
 import scope
-
+from scope import Args
 
 
 # ---------------------------------------------------------------------------- random batches of groups
@@ -32,6 +35,11 @@ def batches(draw, min_groups=1, max_groups=4):
     tau = draw(st.floats(0.05, 20.0))
     return dict(logp_old=logp_old, logp_teacher=logp_teacher, mask=mask, group_ids=group_ids,
                 rewards=rewards, tau=tau)
+
+
+def own(mask, rewards, group_ids):
+    """The loss's keyword inputs for a batch that is the whole batch (one process, one micro-batch)."""
+    return dict(group_ids=group_ids, counts=scope.batch_counts(mask, rewards, group_ids, group_size=None))
 
 
 def weights_of(batch, **kw):
@@ -195,10 +203,10 @@ def test_weights_use_per_token_mean_not_length(batch):
 
 @given(batches())
 def test_reversed_and_uniform_options(batch):
-    rev = weights_of(batch, student="reversed", teacher="reversed")
+    rev = weights_of(batch, student_direction="reversed", teacher_direction="reversed")
     flipped = dict(batch, logp_old=-batch["logp_old"], logp_teacher=-batch["logp_teacher"])
     assert torch.allclose(rev, weights_of(flipped), atol=1e-5)     # reversing = negating the exponent
-    uni = weights_of(batch, student="uniform", teacher="uniform")
+    uni = weights_of(batch, student_direction="uniform", teacher_direction="uniform")
     for idx in cells(batch).values():
         assert torch.allclose(uni[idx], torch.full((len(idx),), 1 / len(idx), dtype=torch.float64))
 
@@ -215,7 +223,8 @@ def test_vectorised_loss_equals_eq6_loop(batch):
     logp = loss_inputs(batch)
     w = weights_of(batch)
     loss, metrics = scope.scope_loss(logp, batch["logp_old"], batch["logp_teacher"], batch["mask"],
-                                     batch["rewards"], w, batch["group_ids"], agg="paper")
+                                     batch["rewards"], w, agg="paper",
+                                     **own(batch["mask"], batch["rewards"], batch["group_ids"]))
     assert math.isclose(loss.item(), loop_objective(batch, logp.detach(), w), rel_tol=1e-7, abs_tol=1e-7)
     assert all(math.isfinite(v) for v in metrics.values())
 
@@ -226,7 +235,7 @@ def test_gradient_at_theta_old_matches_spec(batch):
     logp = batch["logp_old"].clone().requires_grad_(True)          # theta = theta_old: s = o
     w = weights_of(batch)
     loss, _ = scope.scope_loss(logp, batch["logp_old"], batch["logp_teacher"], batch["mask"], batch["rewards"],
-                               w, batch["group_ids"], agg="paper")
+                               w, agg="paper", **own(batch["mask"], batch["rewards"], batch["group_ids"]))
     loss.backward()
     n_prompts = len(set(batch["group_ids"].tolist()))
     r = batch["rewards"][:, None].double()
@@ -265,7 +274,7 @@ def test_truncated_importance_weights_equal_a_float64_loop(batch, cap, seed):
     logp = batch["logp_old"].clone().requires_grad_(True)
     w = weights_of(batch)
     loss, _ = scope.scope_loss(logp, batch["logp_old"], batch["logp_teacher"], m, batch["rewards"], w,
-                               batch["group_ids"], agg="paper", token_weights=tw)
+                               agg="paper", token_weights=tw, **own(m, batch["rewards"], batch["group_ids"]))
     loss.backward()
     n_prompts = len(set(batch["group_ids"].tolist()))
     r = batch["rewards"][:, None].double()
@@ -280,9 +289,10 @@ def test_truncated_importance_weights_equal_a_float64_loop(batch, cap, seed):
         per_prompt[g] = per_prompt.get(g, 0.0) + float(w[i]) * term
     value = sum(per_prompt.values()) / len(per_prompt)
     assert math.isclose(loss.item(), value, rel_tol=1e-9, abs_tol=1e-9)
-    adv = scope.grpo_advantages(batch["rewards"], batch["group_ids"]).double()
+    adv = baselines.grpo_advantages(batch["rewards"], batch["group_ids"]).double()
     logp.grad = None
-    scope.grpo_loss(logp, batch["logp_old"], batch["logp_old"], m, adv, token_weights=tw)[0].backward()
+    baselines.grpo_objective(logp, batch["logp_old"], batch["logp_old"], m, adv, 0.2, 1e-4, float(m.sum()),
+                             token_weights=tw)[0].backward()
     assert torch.allclose(logp.grad, -adv[:, None] * tw * m / max(float(m.sum()), 1.0), atol=1e-9)   # KL 0 at s = ref
 
 
@@ -290,21 +300,20 @@ def split_grads(batch, splits, agg, method="scope"):
     """Gradient of the summed losses of the given row-splits, each normalised by the GLOBAL counts."""
     logp = loss_inputs(batch)
     w = weights_of(batch)                        # weights are per group: computed before splitting
-    counts = scope.batch_counts(batch["mask"], batch["rewards"], batch["group_ids"])
+    counts = scope.batch_counts(batch["mask"], batch["rewards"], batch["group_ids"], group_size=None)
+    whole = {"rewards": batch["rewards"], "groups": batch["group_ids"]}
+    rows = {**scope.METHODS[method].baseline.rows(Args(loss_agg=agg), whole)} if method != "scope" else {"weights": w}
     total = 0.0
     for idx in splits:
         idx = torch.tensor(idx, dtype=torch.long)
         args = [logp[idx], batch["logp_old"][idx], batch["logp_teacher"][idx], batch["mask"][idx]]
         if method == "scope":
-            loss, _ = scope.scope_loss(*args, batch["rewards"][idx], w[idx], batch["group_ids"][idx], agg, counts)
-        elif method == "opd":
-            uniform = scope.uniform_weights(batch["group_ids"], agg)[idx]
-            loss, _ = scope.opd_loss(*args, batch["group_ids"][idx], agg, counts, weights=uniform)
-        elif method == "grpo":
-            adv = scope.grpo_advantages(batch["rewards"], batch["group_ids"])[idx]
-            loss, _ = scope.grpo_loss(*args, adv, counts=counts)
-        else:
-            loss, _ = scope.kd_loss(args[0], args[3], counts=counts)
+            loss, _ = scope.scope_loss(*args, batch["rewards"][idx], w[idx], group_ids=batch["group_ids"][idx],
+                                       counts=counts, agg=agg)
+        else:                                         # a micro-batch as update_student hands it to a baseline
+            part = {"logp_teacher": args[2], "response_mask": args[3], "rewards": batch["rewards"][idx],
+                    "groups": batch["group_ids"][idx], **{k: v[idx] for k, v in rows.items()}}
+            loss, _ = scope.METHODS[method].baseline.loss(args[0], part, counts, Args(loss_agg=agg), None)
         total = total + loss
     total.backward()
     return float(total.detach()), logp.grad
@@ -336,9 +345,9 @@ def test_token_aggregation_matches_official_token_mean():
     mask[2, 3:] = 0
     g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     r = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1])
-    w = scope.scope_weights(old, teach, mask, g, r, norm="mean", student="reversed").double()
+    w = scope.scope_weights(old, teach, mask, g, r, norm="mean", student_direction="reversed").double()
     logp = old.clone().requires_grad_(True)
-    loss, _ = scope.scope_loss(logp, old, teach, mask, r, w, g, agg="token")
+    loss, _ = scope.scope_loss(logp, old, teach, mask, r, w, agg="token", **own(mask, r, g))
     cw = (w * r)[:, None] * mask
     sft = (-logp * cw).sum() / (mask * r[:, None]).sum()                    # dp_actor.py sft_loss
     adv = (w * (1 - r))[:, None] * (teach - old) * mask                     # k1 advantage w_tea (T - o)
@@ -363,7 +372,7 @@ def test_degenerate_groups_are_finite(case):
         for norm in scope.WEIGHT_NORMS:
             w = scope.scope_weights(old, teach, mask, g, r, norm=norm)
             logp = old.clone().requires_grad_(True)
-            loss, metrics = scope.scope_loss(logp, old, teach, mask, r, w, g, agg=agg)
+            loss, metrics = scope.scope_loss(logp, old, teach, mask, r, w, agg=agg, **own(mask, r, g))
             loss.backward()
             assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
             assert all(math.isfinite(v) for v in metrics.values())
@@ -374,7 +383,7 @@ def test_degenerate_groups_are_finite(case):
 def test_grpo_advantages_match_loop():
     r = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 1, 0])
     g = torch.tensor([5, 5, 5, 5, 9, 9, 2, 2, 4])
-    adv = scope.grpo_advantages(r, g)
+    adv = baselines.grpo_advantages(r, g)
     for gid in set(g.tolist()):
         idx = [i for i in range(len(g)) if g[i] == gid]
         vals = [float(r[i]) for i in idx]
@@ -389,11 +398,11 @@ def test_grpo_clip_and_kl():
     logp_old = torch.zeros(1, 2)
     logp = torch.tensor([[0.5, -0.5]], requires_grad=True)        # ratios e^0.5 = 1.65 and e^-0.5 = 0.61
     mask = torch.ones(1, 2)
-    loss, m = scope.grpo_loss(logp, logp_old, logp_old, mask, torch.tensor([1.0]), kl_coef=0.0)
+    loss, m = baselines.grpo_objective(logp, logp_old, logp_old, mask, torch.tensor([1.0]), 0.2, 0.0, 2.0)
     loss.backward()
     # advantage > 0: the high ratio is clipped (no gradient), the low one is not
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0 and m["train/ratio_clip_frac"] == 1.0
-    _, m = scope.grpo_loss(logp.detach(), logp_old, logp_old, mask, torch.tensor([1.0]))
+    _, m = baselines.grpo_objective(logp.detach(), logp_old, logp_old, mask, torch.tensor([1.0]), 0.2, 1e-4, 2.0)
     r = torch.tensor([-0.5, 0.5])
     assert abs(m["kl/ref_k3"] - float((torch.exp(r) - r - 1).mean())) < 1e-6
 
@@ -404,7 +413,10 @@ def test_opd_is_scope_with_every_rollout_on_the_teacher_path():
     teach = -torch.rand(6, 5, generator=gen, dtype=torch.float64)
     mask = torch.ones(6, 5)
     g = torch.tensor([0, 0, 0, 1, 1, 1])
-    loss, _ = scope.opd_loss(old.clone().requires_grad_(True), old, teach, mask, g)
+    part = {"logp_teacher": teach, "response_mask": mask, "rewards": torch.tensor([1.0, 0, 1, 0, 0, 1]), "groups": g,
+            "weights": baselines.uniform_weights(g)}
+    counts = scope.batch_counts(mask, part["rewards"], g, group_size=3)
+    loss, _ = scope.METHODS["opd"].baseline.loss(old.clone().requires_grad_(True), part, counts, Args(), None)
     expected = sum(((old[i] - teach[i]).sum() / 3) for i in range(6)) / 2   # uniform 1/N, mean over prompts
     assert torch.isclose(loss, expected)
 
@@ -420,7 +432,7 @@ def test_fused_logprobs_equal_naive(b, l, h, v, temperature, chunk, dtype, seed)
     weight = torch.randn(v, h, generator=gen).requires_grad_(True)          # fp32 master weight
     tokens = torch.randint(0, v, (b, l), generator=gen)
     mask = (torch.rand(b, l, generator=gen) > 0.3).float()        # padding positions still computed, then masked
-    got = scope.token_logprobs(hidden, weight, tokens, temperature, chunk=chunk)
+    got = logprobs.token_logprobs(hidden, weight, tokens, temperature, chunk=chunk)
     hd = hidden.detach().double().requires_grad_(True)             # the float64 reference, from the same inputs
     wd = weight.detach().to(dtype).double().requires_grad_(True)
     want = torch.log_softmax(hd @ wd.T / temperature, -1).gather(-1, tokens[..., None]).squeeze(-1)
@@ -461,7 +473,7 @@ def test_gradients_on_tiny_transformers_model(tied):
     teacher = -torch.rand(4, 6, dtype=torch.float64)
 
     def s_of():
-        return scope.model_logprobs(model, ids[:, 1:], input_ids=ids).logits.double()
+        return logprobs.model_logprobs(model, ids[:, 1:], input_ids=ids).logits.double()
 
     def s_naive():
         return torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -470,7 +482,7 @@ def test_gradients_on_tiny_transformers_model(tied):
     old = s_of().detach()
     assert torch.allclose(old, s_naive().detach(), atol=1e-10)
     w = scope.scope_weights(old, teacher, mask, g, r).double()
-    loss, _ = scope.scope_loss(s_of(), old, teacher, mask, r, w, g)
+    loss, _ = scope.scope_loss(s_of(), old, teacher, mask, r, w, **own(mask, r, g))
     params = list(model.parameters())
     got = torch.autograd.grad(loss, params)
     # formula: sum_i w_i/P * (correct: -sum_t grad s_it ; incorrect: sum_t (s_it - T_it) grad s_it)
@@ -494,7 +506,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
         scope.scope_weights(old, old, mask, g, r, tau=-1.0)
     bad = old.clone()
     bad[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="logp_old"):
+    with pytest.raises(ValueError, match="logp_sampler"):
         scope.scope_weights(bad, old, mask, g, r)
     inf = old.clone()
     inf[0, 0] = float("-inf")
@@ -504,23 +516,23 @@ def test_bad_input_raises_value_error_naming_the_argument():
         scope.scope_weights(old, old, mask, g, torch.tensor([1.0, 0.5, 0.0]))
     with pytest.raises(ValueError, match="norm"):
         scope.scope_weights(old, old, mask, g, r, norm="avg")
-    with pytest.raises(ValueError, match="student"):
-        scope.scope_weights(old, old, mask, g, r, student="positive")
+    with pytest.raises(ValueError, match="student_direction"):
+        scope.scope_weights(old, old, mask, g, r, student_direction="positive")
     with pytest.raises(ValueError, match="group_ids"):
         scope.scope_weights(old, old, mask, g[:2], r)
     w = scope.scope_weights(old, old, mask, g, r)
     with pytest.raises(ValueError, match="agg"):
-        scope.scope_loss(old, old, old, mask, r, w, g, agg="seq-mean")
+        scope.scope_loss(old, old, old, mask, r, w, agg="seq-mean", **own(mask, r, g))
     with pytest.raises(ValueError, match="weights"):
-        scope.scope_loss(old, old, old, mask, r, w[:2], g)
+        scope.scope_loss(old, old, old, mask, r, w[:2], **own(mask, r, g))
     with pytest.raises(ValueError, match="logp"):
-        scope.scope_loss(bad, old, old, mask, r, w, g)
+        scope.scope_loss(bad, old, old, mask, r, w, **own(mask, r, g))
     with pytest.raises(ValueError, match="temperature"):
-        scope.token_logprobs(torch.randn(1, 2, 5), torch.randn(7, 5), torch.zeros(1, 2, dtype=torch.long), temperature=0)
+        logprobs.token_logprobs(torch.randn(1, 2, 5), torch.randn(7, 5), torch.zeros(1, 2, dtype=torch.long), temperature=0)
     with pytest.raises(ValueError, match="hidden"):
-        scope.token_logprobs(torch.randn(1, 2, 5), torch.randn(7, 5), torch.zeros(1, 3, dtype=torch.long))
+        logprobs.token_logprobs(torch.randn(1, 2, 5), torch.randn(7, 5), torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="hidden"):
-        scope.token_logprobs(torch.randn(1, 2, 5), torch.randn(7, 4), torch.zeros(1, 2, dtype=torch.long))
+        logprobs.token_logprobs(torch.randn(1, 2, 5), torch.randn(7, 4), torch.zeros(1, 2, dtype=torch.long))
     # NaN in padding is not an error: padded positions are never read
     pad_nan = old.clone()
     mask2 = mask.clone()
@@ -542,4 +554,19 @@ def test_batch_counts_with_group_size_add_up_over_any_split(groups, n, seed):
     parts = [scope.batch_counts(mask[a:c], rewards[a:c], group_ids[a:c], group_size=n) for a, c in zip(cuts, cuts[1:])]
     for k in whole:
         assert math.isclose(whole[k], sum(p[k] for p in parts), rel_tol=1e-12, abs_tol=1e-12), k
-    assert whole["prompts"] == groups == scope.batch_counts(mask, rewards, group_ids)["prompts"]
+    assert whole["prompts"] == groups == scope.batch_counts(mask, rewards, group_ids, group_size=None)["prompts"]
+
+
+def test_leaving_out_what_sets_the_scale_is_an_error():
+    """scope_loss without group_ids or counts, or batch_counts without group_size, is a TypeError naming what to pass:
+    left out, they used to default to every row its own prompt (-0.97 where the batch's loss is -3.88, a factor of
+    N) or to each micro-batch's own counts (micro-batch losses summing to -6.07 instead)."""
+    old = -torch.rand(4, 3, dtype=torch.float64)
+    mask, r, g = torch.ones(4, 3), torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([0, 0, 1, 1])
+    w = scope.scope_weights(old, old - 1, mask, g, r)
+    with pytest.raises(TypeError, match="group_ids.*counts|counts"):
+        scope.scope_loss(old, old, old - 1, mask, r, w)
+    with pytest.raises(TypeError, match="counts"):
+        scope.scope_loss(old, old, old - 1, mask, r, w, group_ids=g)
+    with pytest.raises(TypeError, match="group_size"):
+        scope.batch_counts(mask, r, g)

@@ -17,8 +17,10 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
+import baselines
 import scope
 from conftest import ROOT
 from test_core import batches
@@ -80,23 +82,24 @@ def test_the_loss_part_and_the_baselines_follow_their_inputs_device(batch, agg):
         batch["rewards"]
     logp = batch["logp_old"].clone().requires_grad_(True)
     counts = scope.batch_counts(mask, r, g, group_size=None)
+    args = scope.Args(loss_agg=agg)
 
     def run():
         logp.grad = None
         w = scope.scope_weights(batch["logp_old"], lt, mask, g, r, batch["tau"])
         out = {"seq_nll": scope.seq_nll(batch["logp_old"], mask), "weights": w,
                "softmax_mean": scope.group_softmax(batch["logp_old"].sum(-1), g, "mean"),
-               "counts": scope.batch_counts(mask, r, g, group_size=2), "uniform": scope.uniform_weights(g, agg),
-               "advantages": scope.grpo_advantages(r, g)}
-        loss, m = scope.scope_loss(logp, logp.detach(), lt, mask, r, w, g, agg, counts)
+               "counts": scope.batch_counts(mask, r, g, group_size=2)}
+        loss, m = scope.scope_loss(logp, logp.detach(), lt, mask, r, w, group_ids=g, counts=counts, agg=agg)
         loss.backward()
         out.update(scope_loss=loss.detach(), scope_metrics=m, scope_grad=logp.grad.clone())
         tw, stats = scope.truncated_is_weights(logp, lt, mask, 2.0)
         out.update(is_weights=tw, is_stats=stats)
-        out["opd"] = scope.opd_loss(logp, logp.detach(), lt, mask, g, agg, counts, token_weights=tw)
-        out["grpo"] = scope.grpo_loss(logp, logp.detach(), lt, mask, out["advantages"], counts=counts,
-                                      token_weights=tw)
-        out["kd"] = scope.kd_loss(logp, mask, counts)
+        whole = {"rewards": r, "groups": g, "logp_teacher": lt, "logp_ref": lt, "response_mask": mask}
+        for name in ("opd", "psr", "grpo", "kd"):                    # each baseline's rows, then its loss
+            baseline = scope.METHODS[name].baseline
+            part = {**whole, **baseline.rows(args, whole)}
+            out[name] = (part, *baseline.loss(logp, part, counts, args, tw))
         return {k: (tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in v) if isinstance(v, tuple)
                     else v) for k, v in out.items()}
 
@@ -105,17 +108,19 @@ def test_the_loss_part_and_the_baselines_follow_their_inputs_device(batch, agg):
 
 
 def test_the_four_functions_of_the_issue_no_longer_use_the_default_device():
-    """scope_loss (its group ids), opd_loss and uniform_weights (their zero scores), grpo_advantages (its sums) made
-    tensors on the default device until 2026-12-07; on "meta" they now give the CPU result."""
+    """scope_loss (its weight statistics), OPD and uniform_weights (their zero scores), grpo_advantages (its sums)
+    made tensors on the default device until 2026-12-07; on "meta" they now give the CPU result."""
     g = torch.tensor([0, 0, 0, 1, 1])
     r = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0])
     logp = -torch.rand(5, 3, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(5, 3)
     counts = scope.batch_counts(mask, r, g, group_size=None)
     w = scope.scope_weights(logp, logp - 1, mask, g, r)
-    for fn in (lambda: scope.scope_loss(logp, logp, logp - 1, mask, r, w, g, "paper", counts)[0],
-               lambda: scope.opd_loss(logp, logp, logp - 1, mask, g, "paper", counts)[0],
-               lambda: scope.uniform_weights(g), lambda: scope.grpo_advantages(r, g)):
+    part = {"logp_teacher": logp - 1, "response_mask": mask, "rewards": r, "groups": g, "weights": w}
+    opd = scope.METHODS["opd"].baseline.loss
+    for fn in (lambda: scope.scope_loss(logp, logp, logp - 1, mask, r, w, group_ids=g, counts=counts)[0],
+               lambda: opd(logp, part, counts, scope.Args(), None)[0],
+               lambda: baselines.uniform_weights(g), lambda: baselines.grpo_advantages(r, g)):
         plain, meta = on_both(fn)
         assert same(plain, meta)
 
@@ -129,14 +134,21 @@ def train_with_default_device(args, meta, monkeypatch):
     load = scope.load_models
 
     def load_then_switch(*a, **k):
-        tok, student, teacher, ref, opt = load(*a, **k)
-        for p in student.parameters():
-            p.grad = torch.zeros_like(p)
-        opt.step()                                                     # AdamW's state, made by torch
-        opt.zero_grad(set_to_none=True)
+        tok, student, teacher, ref = load(*a, **k)
+        adamw = torch.optim.AdamW                                      # the loop makes its AdamW next: its
+        m.setattr(torch.optim, "AdamW", lambda params, **kw: first_step(adamw(params, **kw)))   # state by torch
         if meta:
             torch.set_default_device("meta")
-        return tok, student, teacher, ref, opt
+        return tok, student, teacher, ref
+
+    def first_step(opt):
+        with torch.device("cpu"):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = torch.zeros_like(p)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return opt
 
     with monkeypatch.context() as m:                                   # undone before the next run patches it again
         m.setattr(scope, "load_models", load_then_switch)

@@ -7,7 +7,8 @@ import math
 import random
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import SHARED_BENCHMARKS
 from eval import benchmarks, metrics

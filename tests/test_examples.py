@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+import batching
+import loading
 import scope
 import tiny_testbed
 from conftest import ROOT
@@ -22,9 +24,9 @@ import trl_scope  # noqa: E402  (needs trl: a missing trl fails here, it is not 
 def trainer_for(micro_models, tmp_path, dtype=torch.float64, **over):
     from trl import GRPOConfig
     student_dir, teacher_dir = micro_models
-    tok = scope.load_tokenizer(student_dir, "student")
-    student = scope.load_model(student_dir, "student", "float32").to(dtype)
-    teacher = scope.load_model(teacher_dir, "teacher", "float32").to(dtype)
+    tok = loading.load_tokenizer(student_dir, "student")
+    student = loading.load_model(student_dir, "student", "float32").to(dtype)
+    teacher = loading.load_model(teacher_dir, "teacher", "float32").to(dtype)
     rows = tiny_testbed.tiny_task("train", 64, seed=0)
     data = trl_scope.Dataset.from_dict({"prompt": [[{"role": "user", "content": r["problem"]}] for r in rows],
                                         "answer": [r["answer"] for r in rows]})
@@ -64,11 +66,11 @@ def test_the_examples_loss_and_gradient_equal_scope_pys_loop(micro_models, tmp_p
     teacher_scope = scope.score_logprobs(teacher, batch, groups, 10**6)   # phase 3 (fp32 output)
     assert ((teacher_scope - out["logp_teacher"]).abs() * mask).max() < 1e-5
     batch.update(rewards=rewards, groups=groups, logp_sampler=out["logp_old"])     # pi_old, eq. 4
-    copy = scope.load_model(micro_models[0], "student", "float32").to(torch.float64)
+    copy = loading.load_model(micro_models[0], "student", "float32").to(torch.float64)
     args = run_args(micro_models, tmp_path, n_rollouts=4, micro_batch_tokens=150, grad_clip=1e9)
     rt, noop = one_process()
-    record = scope.update_student(args, rt, copy, noop, batch, out["logp_teacher"], None)
-    assert len(scope.micro_batches(scope.trim(batch), 150)) > 2         # scope.py split the batch; TRL did not
+    record, _ = scope.update_student(args, rt, copy, noop, dict(batch, logp_teacher=out["logp_teacher"]))
+    assert len(batching.micro_batches(batching.trim(batch), 150)) > 2         # scope.py split the batch; TRL did not
     assert math.isclose(float(loss), record["loss"], rel_tol=1e-6), (float(loss), record["loss"])
     for g, p in zip(grads, copy.parameters()):
         assert (g - p.grad).abs().max() <= 1e-6 * (1 + p.grad.abs().max()), (g - p.grad).abs().max()
@@ -78,7 +80,7 @@ def test_a_few_steps_on_the_tiny_testbed_change_the_weights(micro_models, tmp_pa
     student, teacher = micro_models
     data = tmp_path / "tiny.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in tiny_testbed.tiny_task("train", 64, seed=0)))
-    before = {k: v.clone() for k, v in scope.load_model(student, "student", "float32").state_dict().items()}
+    before = {k: v.clone() for k, v in loading.load_model(student, "student", "float32").state_dict().items()}
     trainer = trl_scope.main(["--student", student, "--teacher", teacher, "--data", str(data), "--steps", "2",
                               "--prompts-per-step", "4", "--n-rollouts", "4", "--micro-batches", "2",
                               "--max-new-tokens", "32", "--out-dir", str(tmp_path / "run")])
@@ -90,7 +92,8 @@ def test_a_few_steps_on_the_tiny_testbed_change_the_weights(micro_models, tmp_pa
 
 def test_the_verl_mapping_gives_scope_loss_and_its_gradient():
     """-A * rho, summed per sequence and averaged over sequences (verl's seq-mean-token-sum), with the advantages of
-    verl_scope.scope_token_advantages, equals scope.scope_loss (agg="paper") at theta = theta_old, value and gradient."""
+    verl_scope.scope_token_advantages, equals scope.scope_loss (agg="paper") at theta = theta_old, value and gradient.
+    """
     import verl_scope
     g = torch.Generator().manual_seed(0)
     b, t, n = 12, 7, 4
@@ -102,8 +105,9 @@ def test_the_verl_mapping_gives_scope_loss_and_its_gradient():
     groups = torch.arange(b) // n
     adv = verl_scope.scope_token_advantages(old, teacher, mask, rewards, groups, n)
     loss_verl, _ = verl_scope.scope_policy_loss(old, logp, adv, mask)
-    loss_scope, _ = scope.scope_loss(logp, old, teacher, mask, rewards, scope.scope_weights(old, teacher, mask, groups,
-                                                                                           rewards), groups)
+    w = scope.scope_weights(old, teacher, mask, groups, rewards)
+    counts = scope.batch_counts(mask, rewards, groups, group_size=n)
+    loss_scope, _ = scope.scope_loss(logp, old, teacher, mask, rewards, w, group_ids=groups, counts=counts)
     assert math.isclose(float(loss_verl), float(loss_scope), rel_tol=1e-12)
     grad_verl, = torch.autograd.grad(loss_verl, logp)
     grad_scope, = torch.autograd.grad(loss_scope, logp)

@@ -1,6 +1,6 @@
-"""The edges a user meets: every row of docs/training.md's bad-input table on scope.py, `python -m eval` and reproduce.py
-(a clear message naming the field, file or value, no traceback, nothing already written lost), checkpoint files that
-could run code, and both flag spellings on every entry point."""
+"""The edges a user meets: every row of docs/training.md's bad-input table on scope.py, `python -m eval` and
+reproduce.py (a clear message naming the field, file or value, no traceback, nothing already written lost), checkpoint
+files that could run code, and both flag spellings on every entry point."""
 
 import json
 import os
@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-import reproduce
 import checkpoints
 import cli as flags
+import loading
+import reproduce
 import scope
 from conftest import ROOT
 from eval import run as eval_run
@@ -53,7 +54,7 @@ def test_bad_data_is_named_with_its_file_and_line(micro_models, tmp_path):
             scope.train(run_args(micro_models, tmp_path / "out", data=str(tmp_path / name)))
     (tmp_path / "dir").mkdir()
     with pytest.raises(SystemExit, match="no .jsonl file in this directory"):
-        scope.load_problems(str(tmp_path / "dir"))
+        loading.load_problems(str(tmp_path / "dir"))
     code, err = cli_run(["scope.py", *cli(micro_models, tmp_path / "o", ["--data", str(tmp_path / "empty.jsonl")])])
     assert code == 1 and "no problems in" in err and "Traceback" not in err, err      # the reported ZeroDivisionError
 
@@ -62,7 +63,7 @@ def test_jsonl_problems_are_read_lazily_and_keep_only_problem_and_answer(tmp_pat
     rows = [{"problem": f"{i}+1=?", "answer": str(i + 1), "r1_solution": "x" * 1000} for i in range(5)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]) + "\n")   # a blank line
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
-    data = scope.load_problems(str(tmp_path))
+    data = loading.load_problems(str(tmp_path))
     assert len(data) == 5 and [data[i] for i in range(5)] == [{"problem": r["problem"], "answer": r["answer"]}
                                                               for r in rows]
     assert all(isinstance(x, tuple) and len(x) == 2 for x in data.index)   # offsets held, no row
@@ -113,11 +114,11 @@ def test_a_checkpoint_that_would_run_code_is_refused(micro_models, tmp_path):
 
 def test_a_tokenizer_without_a_chat_template_is_named(micro_models, tmp_path):
     student, _ = micro_models
-    tok = scope.load_tokenizer(student, "student")
+    tok = loading.load_tokenizer(student, "student")
     tok.chat_template = None
     tok.save_pretrained(tmp_path / "tok")
     with pytest.raises(SystemExit, match="tokenizer .* has no chat template"):
-        scope.load_tokenizer(str(tmp_path / "tok"), "student")
+        loading.load_tokenizer(str(tmp_path / "tok"), "student")
 
 
 def test_prompts_per_step_not_divisible_by_the_ranks(micro_models, tmp_path):
@@ -238,10 +239,11 @@ def test_prompts_over_the_limit_are_left_out_at_load_and_counted(tmp_path, sourc
     assert [count(p) for p in problems[:2]] == [10, 16] and count(problems[-1]) == 124
     for limit in (9, 10, 40, 75, 123, 124, 200):
         said = []
-        kept = loading.drop_long_prompts(rows, count, limit, said.append) if limit > 9 else None
+        text = lambda p: scope.prompt_text(tok, p)                             # noqa: E731
+        kept = loading.drop_long_prompts(rows, tok, text, limit, said.append) if limit > 9 else None
         if limit == 9:
             with pytest.raises(SystemExit, match="every training problem's prompt is longer"):
-                loading.drop_long_prompts(rows, count, limit, said.append)
+                loading.drop_long_prompts(rows, tok, text, limit, said.append)
             continue
         want = [p for p in problems if count(p) <= limit]
         assert [kept[k]["problem"] for k in range(len(kept))] == want

@@ -11,7 +11,9 @@ import math
 import pytest
 import torch
 
-import runtime
+import batching
+import loading
+import logprobs
 import scope
 
 
@@ -32,7 +34,8 @@ def released_weights(old, teacher, mask, rewards, uid, tau, dtype=torch.float64)
 
 def released_micro_loss(logp, old, teacher, mask, cw, ww, rows_of_rank, clip=0.2, clip_c=3.0):
     """One micro-batch's loss in update_policy: dual-clip PPO on A = w_tea (T - o), token mean over every response
-    token; plus the MLE term -log p x w_stu, token mean over tokens of rollouts with w_stu > 0; times len / mini-batch."""
+    token; plus the MLE term -log p x w_stu, token mean over tokens of rollouts with w_stu > 0; times len / mini-batch.
+    """
     def masked_mean(x, m):
         return (x * m).sum() / (m.sum() + 1e-8)
     adv = ww[:, None] * (teacher - old)                              # -kl_penalty(old, teacher, "kl") x w_tea
@@ -71,8 +74,8 @@ def scope_gradient(logp, teacher, mask, rewards, uid, w, ranks, n, agg):
     total = 0.0
     for parts in ranks:
         for p in parts:
-            loss, _ = scope.scope_loss(logp[p], logp[p].detach(), teacher[p], mask[p], rewards[p], w[p], uid[p], agg,
-                                       counts)
+            loss, _ = scope.scope_loss(logp[p], logp[p].detach(), teacher[p], mask[p], rewards[p], w[p],
+                                       group_ids=uid[p], counts=counts, agg=agg)
             total = total + loss * len(ranks)
     (total / len(ranks)).backward()
     return logp.grad
@@ -103,8 +106,8 @@ def partition(b, n, world, per_rank, seed):
 
 
 def official_weights(old, teacher, mask, uid, rewards, tau):
-    return scope.scope_weights(old, teacher, mask, uid, rewards, tau, norm="mean", student="reversed",
-                               teacher="paper")
+    return scope.scope_weights(old, teacher, mask, uid, rewards, tau, norm="mean", student_direction="reversed",
+                               teacher_direction="paper")
 
 
 @pytest.mark.parametrize("world,per_rank,seed", [(1, 1, 0), (1, 3, 1), (2, 1, 2), (2, 4, 3), (2, 5, 4)])
@@ -170,15 +173,15 @@ def test_balanced_micro_batches_follow_verls_count_and_balance():
     lengths = torch.randint(1, 60, (37,), generator=gen)
     b = {"prompt_mask": torch.ones(37, 5), "response_mask": (torch.arange(60)[None] < lengths[:, None]).long()}
     real = (lengths + 5).tolist()
-    parts = runtime.balanced_micro_batches(b, 300)
+    parts = batching.balanced_micro_batches(b, 300)
     assert len(parts) == math.ceil(sum(real) / 300)
     assert sorted(torch.cat(parts).tolist()) == list(range(37))
     sums = [sum(real[i] for i in p.tolist()) for p in parts]
     assert max(sums) - sum(real) / len(parts) <= max(real)
     assert all(p.tolist() == sorted(p.tolist()) for p in parts)
-    assert len(runtime.balanced_micro_batches(b, 300, count=len(parts) + 3)) == len(parts) + 3
+    assert len(batching.balanced_micro_batches(b, 300, count=len(parts) + 3)) == len(parts) + 3
     with pytest.raises(ValueError, match="micro-batches"):
-        runtime.balanced_micro_batches(b, 1)
+        batching.balanced_micro_batches(b, 1)
 
 
 def test_recipe_official_selects_the_released_recipe_in_one_flag():
@@ -200,24 +203,25 @@ def test_the_loop_in_official_mode_makes_the_released_update(micro_models):
     loop's own partition, to 1e-9. Both run whole sequences (gradient_checkpointing=True turns the loop's shared
     prompt pass off: that KV-cache path agrees only to about 3e-8 relative in float64)."""
     import dataclasses
-    from test_train import one_batch, run_args
+
+    from test_train import one_batch, run_args, update
     args = run_args(micro_models, "unused", loss_agg="official-microbatch", weight_norm="mean",
                     student_weight="reversed", micro_batch_tokens=150, grad_clip=1e9,
                     gradient_checkpointing=True)
     rt, noop, _, b, lp_t = one_batch(micro_models, args)
     b = {k: v.double() if v.is_floating_point() else v for k, v in b.items()}
     lp_t = lp_t.double()
-    parts = runtime.split_batch(args, rt, b)
+    parts = batching.split_batch(args, rt, b)
     assert len(parts) >= 3
     grads = []
     for loop in (True, False):
-        model = scope.load_model(micro_models[0], "student", "float32").double()
+        model = loading.load_model(micro_models[0], "student", "float32").double()
         if loop:
-            scope.update_student(dataclasses.replace(args), rt, model, noop, b, lp_t, None)
+            update(dataclasses.replace(args), rt, model, noop, b, lp_t)
         else:
-            w = scope.batch_weights(args, rt, b, lp_t)[0].double()
+            w = scope.batch_weights(args, {**b, "logp_teacher": lp_t})["weights"].double()
             r, mask = b["rewards"], b["response_mask"].double()
-            logp = scope.sequence_logprobs(model, b)                                  # (B, T) with grad
+            logp = logprobs.sequence_logprobs(model, b)                                  # (B, T) with grad
             total = sum(released_micro_loss(logp[p], logp[p].detach(), lp_t[p], mask[p], (w * r)[p],
                                             (w * (1 - r))[p], len(r)) for p in parts)
             total.backward()

@@ -139,6 +139,7 @@ def test_hierarchical_bootstrap_over_builds_finds_a_planted_difference():
     with an interval of width 0; adding build-level noise widens it, and the build level is resampled (an interval
     from builds that disagree covers all of them)."""
     import numpy as np
+
     import analysis
     keys = [("x", i) for i in range(100)] + [("y", i) for i in range(100)]
     rng = np.random.default_rng(0)
@@ -182,6 +183,7 @@ def test_the_floored_interval_is_never_narrower_than_the_seeds_allow():
     one has sqrt(mean seed variance / (builds x seeds)) as its standard error; where the build means spread more than
     that, both are the same interval."""
     import numpy as np
+
     import analysis
     keys = [("x", i) for i in range(50)] + [("y", i) for i in range(50)]
     seeds = np.array([[-0.1], [0.0], [0.1]])                                  # seed effects: variance 100 points^2
@@ -196,6 +198,7 @@ def test_the_floored_interval_is_never_narrower_than_the_seeds_allow():
 
 def test_slope_interval_recovers_a_planted_line():
     import numpy as np
+
     import analysis
     x = np.arange(10.0)
     assert analysis.slope_interval(x, 2 * x + 1) == pytest.approx((2.0, 2.0, 2.0))
@@ -208,6 +211,7 @@ def test_study_interval_takes_builds_as_the_unit():
     """Builds that agree exactly give their common difference with a zero-width interval; builds whose means differ
     give the t-interval of those means on builds - 1 degrees of freedom, whatever the seeds inside them say."""
     import numpy as np
+
     import analysis
     keys = [("x", i) for i in range(50)] + [("y", i) for i in range(50)]
     same = [(keys, np.full((3, 100), 0.1)) for _ in range(3)]
@@ -225,7 +229,9 @@ def test_variance_components_recover_planted_ones():
     """The method-of-moments fit on 400 simulated builds of 3 seeds recovers the planted seed-level variance (seed
     effect + sampling noise of a seed's mean) and build variance within a few percent."""
     import sys
+
     import numpy as np
+
     import analysis
     sys.path.insert(0, str(ROOT / "bench"))
     import interval_coverage
@@ -251,6 +257,7 @@ def test_recovery_summary_per_cut_and_within_level():
     """summarize_recovery: recovery that falls with teacher perplexity gives Q1 - Q4 > 0 at every cut, pooled and
     within levels; recovery that does not depend on perplexity gives exactly 0 with a zero-width interval."""
     import random
+
     import analysis
     rng = random.Random(0)
     planted, flat = [], []
@@ -322,6 +329,7 @@ def test_the_calibrated_design_keys_every_stream_by_build_and_seed(micro_models,
     order, rollout and evaluation noise; never the same for two builds) on RL prompts from the "rl" half of the problem
     space; the default design keeps the training seed, as `python scope.py --seed S`."""
     import json
+
     import tiny_testbed
     a = reproduce.RArgs(design="calibrated")
     derived = {(b, s): reproduce.stream_seed(a, b, s) for b in range(16) for s in range(5)}

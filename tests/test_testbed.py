@@ -6,9 +6,10 @@ import subprocess
 import sys
 import time
 
+import loading
 import scope
-import verifier
 import tiny_testbed
+import verifier
 from conftest import ROOT
 
 # Small enough that a build takes seconds; the same code path as the real tiny models.
@@ -55,8 +56,8 @@ def test_killed_build_is_taken_over_and_nothing_half_built_is_used(tmp_path):
     student = out.split("RESULT ")[1].split()[0]
     assert (tmp_path / "cache" / os.path.basename(os.path.dirname(student)) / "DONE").exists()
     assert not list(cache.glob("*.building")) and not list(cache.glob("*.status"))
-    tok = scope.load_tokenizer(student, "student")
-    model = scope.load_model(student, "student", "float32")
+    tok = loading.load_tokenizer(student, "student")
+    model = loading.load_model(student, "student", "float32")
     rollouts = scope.generate(model, tok, [scope.prompt_text(tok, "1+2=?")], 2, 4, seeds=[1, 2])
     assert rollouts["response_ids"].shape == (2, 4)
     t0 = time.time()
@@ -118,6 +119,7 @@ def test_the_default_build_ships_with_the_repository(tmp_path, monkeypatch):
     """The embedded default's two models are in the repository (testbed/) and used when the cache key matches: an empty
     cache builds nothing, and they are RESULTS.md's models (the student's sha256 there). Another seed is still built."""
     import hashlib
+
     import pytest
     monkeypatch.setattr(tiny_testbed, "_build", lambda *a, **k: pytest.fail("the default build was built, not used"))
     student, teacher = tiny_testbed.build_tiny_models(tmp_path / "empty-cache")

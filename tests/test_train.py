@@ -13,11 +13,16 @@ import time
 import pytest
 import torch
 
+import batching
+import loading
+import logprobs
+import ranks
 import scope
 import tiny_testbed
-from conftest import ROOT
-
-from conftest import MICRO_STUDENT  # noqa: E402  (the micro_models fixture lives in conftest)
+from conftest import (
+    MICRO_STUDENT,  # noqa: E402  (the micro_models fixture lives in conftest)
+    ROOT,
+)
 
 
 def run_args(micro_models, out_dir, **kw):
@@ -46,12 +51,13 @@ def cli(micro_models, out_dir, extra=()):
 # ---------------------------------------------------------------------------- task, tokenizer, generation
 def test_tokenizer_round_trip(tmp_path):
     tok = tiny_testbed.tiny_tokenizer()
-    tiny_testbed.tiny_model_config(MICRO_STUDENT, tok).save_pretrained(tmp_path)   # beside a Qwen2 config, as in a model dir
+    # beside a Qwen2 config, as in a model dir
+    tiny_testbed.tiny_model_config(MICRO_STUDENT, tok).save_pretrained(tmp_path)
     text = scope.prompt_text(tok, "1+2=?") + "1+2=3 \\boxed{3}"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     tok.save_pretrained(tmp_path)
-    again = scope.load_tokenizer(str(tmp_path), "student")
+    again = loading.load_tokenizer(str(tmp_path), "student")
     assert again(text, add_special_tokens=False)["input_ids"] == ids
     assert again.pad_token_id != again.eos_token_id and again.chat_template
 
@@ -59,7 +65,7 @@ def test_tokenizer_round_trip(tmp_path):
 def test_generation_masks_truncation_and_seeds(micro_models):
     from transformers import AutoModelForCausalLM
     student, _ = micro_models
-    tok = scope.load_tokenizer(student, "student")
+    tok = loading.load_tokenizer(student, "student")
     model = AutoModelForCausalLM.from_pretrained(student).eval()
     prompts = [scope.prompt_text(tok, "1+2=?"), scope.prompt_text(tok, "3+4-5+6=?")]
     seeds = scope.row_seeds(0, 1, range(6))
@@ -79,17 +85,17 @@ def test_generation_masks_truncation_and_seeds(micro_models):
     short = scope.generate(model, tok, prompts, 1, 3, 1.0, seeds=seeds[:2])
     assert short["truncated"].all() and short["response_mask"].all()
     # the trainer's forward reproduces the sampler's log-probs
-    lp = scope.sequence_logprobs(model, b)
+    lp = logprobs.sequence_logprobs(model, b)
     assert ((lp - b["logp_sampler"]).abs() * b["response_mask"]).max() < 1e-4
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
-    shared = scope.shared_prompt_logprobs(model, b, groups)         # one prompt pass per group: the same values
+    shared = logprobs.shared_prompt_logprobs(model, b, groups)         # one prompt pass per group: the same values
     assert ((lp - shared).abs() * b["response_mask"]).max() < 1e-5
 
 
 def test_teacher_failure_raises_never_a_number(micro_models):
     from transformers import AutoModelForCausalLM
     student, teacher = micro_models
-    tok = scope.load_tokenizer(student, "student")
+    tok = loading.load_tokenizer(student, "student")
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     b = scope.generate(model, tok, [scope.prompt_text(tok, "1+1=?")], 2, 8, 1.0, seeds=[1, 2])
     with torch.no_grad():
@@ -232,14 +238,14 @@ def test_bf16_compute_keeps_fp32_master_weights(micro_models):
     student, _ = micro_models
     moved = {}
     for master in (torch.float32, torch.bfloat16):
-        model = scope.load_model(student, "student", "float32" if master == torch.float32 else "bfloat16")
+        model = loading.load_model(student, "student", "float32" if master == torch.float32 else "bfloat16")
         norm = model.model.norm.weight
         with torch.no_grad():
             norm.fill_(1.0)                                         # a weight of magnitude 1
         opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
         ids = torch.randint(3, 90, (2, 12))
         with torch.autocast("cpu", torch.bfloat16):
-            lp = scope.model_logprobs(model, ids[:, 1:], input_ids=ids).logits
+            lp = logprobs.model_logprobs(model, ids[:, 1:], input_ids=ids).logits
         (-lp.sum()).backward()
         opt.step()
         moved[master] = (norm.detach().float() - 1).abs().max().item()
@@ -291,10 +297,10 @@ def one_batch(micro_models, args):
     from transformers import AutoModelForCausalLM
     student_dir, teacher_dir = micro_models
     rt, noop = one_process()
-    tok = scope.load_tokenizer(student_dir, "student")
-    teacher = scope.load_model(teacher_dir, "teacher", "float32")
+    tok = loading.load_tokenizer(student_dir, "student")
+    teacher = loading.load_model(teacher_dir, "teacher", "float32")
     rows = tiny_testbed.tiny_task("train", 64, seed=0)
-    idx, my = scope.step_prompts(0, len(rows), 4, 0), [0, 1, 2, 3]
+    idx, my = loading.step_prompts(0, len(rows), 4, 0), [0, 1, 2, 3]
     student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     batch = scope.sample_rollouts(args, rt, 0, student, teacher, tok, rows, idx, my, {})
     batch["rewards"] = scope.verify_rollouts(tok, batch, [rows[idx[j]]["answer"] for j in my], 4, rt.device)
@@ -302,6 +308,12 @@ def one_batch(micro_models, args):
     assert 0 < batch["rewards"].sum() < 16                           # both paths have rollouts
     return rt, noop, teacher, batch, scope.score_logprobs(teacher, batch, batch["groups"], 100000)
 
+
+def update(args, rt, model, opt, batch, logp_teacher=None, logp_ref=None):
+    """scope.update_student on a copy of the batch with the teacher's (and reference's) log-probs in it, as the loop
+    hands it over. -> the update's metrics."""
+    scored = {"logp_teacher": logp_teacher, "logp_ref": logp_ref}
+    return scope.update_student(args, rt, model, opt, {**batch, **{k: v for k, v in scored.items() if v is not None}})[0]
 
 
 @pytest.mark.parametrize("method", ["scope", "opd", "grpo"])
@@ -318,11 +330,11 @@ def test_token_budget_split_inside_groups_leaves_the_gradient_unchanged(micro_mo
     grads, losses = [], []
     for budget in (100000, 150):
         model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-        rec = scope.update_student(dataclasses.replace(args, micro_batch_tokens=budget), rt, model, noop, batch,
-                                   lp_t, lp_t if method == "grpo" else None)
+        rec = update(dataclasses.replace(args, micro_batch_tokens=budget), rt, model, noop, batch, lp_t,
+                     lp_t if method == "grpo" else None)
         grads.append([p.grad.clone() for p in model.parameters()])
         losses.append(rec["loss"])
-    cut = scope.micro_batches(batch, 150)
+    cut = batching.micro_batches(batch, 150)
     assert len(cut) > 4 and any(p.start % 4 or p.stop % 4 for p in cut)          # groups of 4 rows are cut
     assert math.isclose(losses[0], losses[1], rel_tol=1e-5, abs_tol=1e-6)
     for a, b in zip(*grads):
@@ -340,7 +352,7 @@ def test_a_non_finite_sampler_logprob_stops_every_method_that_reads_it(micro_mod
         batch["logp_sampler"][3, 0] = float("nan")
         model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
         with pytest.raises(ValueError, match="logp_sampler contains NaN or inf"):
-            scope.update_student(args, rt, model, noop, batch, lp_t, lp_t)
+            update(args, rt, model, noop, batch, lp_t, lp_t)
 
 
 def test_path_gradient_norms_split_the_scope_gradient(micro_models):
@@ -354,8 +366,7 @@ def test_path_gradient_norms_split_the_scope_gradient(micro_models):
     grads = {}
     for name, teacher_lp, flag in (("both", lp_t, True), ("mle", batch["logp_sampler"], False)):
         model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-        rec = scope.update_student(dataclasses.replace(args, path_grad_norms=flag), rt, model, noop, batch, teacher_lp,
-                                   None)
+        rec = update(dataclasses.replace(args, path_grad_norms=flag), rt, model, noop, batch, teacher_lp)
         grads[name] = [p.grad.clone() for p in model.parameters()]
         grads[name + "_rec"] = rec
     mle = torch.stack([g.norm() for g in grads["mle"]]).norm()
@@ -369,23 +380,23 @@ def test_path_gradient_norms_split_the_scope_gradient(micro_models):
 def test_micro_batches_respect_the_budget_and_a_requested_count():
     lengths = torch.tensor([5, 9, 3, 30, 4, 4, 4, 4])
     batch = {"prompt_mask": torch.ones(8, 2), "response_mask": (torch.arange(30)[None] < lengths[:, None]).long()}
-    parts = scope.micro_batches(batch, 40)
+    parts = batching.micro_batches(batch, 40)
     assert [p.start for p in parts][0] == 0 and parts[-1].stop == 8
     assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))               # consecutive, covering
     for p in parts:
         rows = p.stop - p.start
         longest = int((lengths[p] + 2).max())
         assert rows * longest <= 40 or rows == 1                                  # a row over budget goes alone
-    more = scope.micro_batches(batch, 40, count=len(parts) + 2)
+    more = batching.micro_batches(batch, 40, count=len(parts) + 2)
     assert len(more) == len(parts) + 2 and more[-1].stop == 8
     with pytest.raises(ValueError, match="micro-batches"):
-        scope.micro_batches(batch, 40, count=9)
+        batching.micro_batches(batch, 40, count=9)
 
 
 def test_every_collective_goes_through_the_device_helper():
     """Contract: in scope.py, the modules beside it and reproduce.py, every torch.distributed collective on data is
-    inside runtime.py's all_reduce (and barrier, which takes no tensor). This proves the routing; that the helper puts its tensor on the loop's device is
-    the next test. Neither proves NCCL itself runs: no GPU here."""
+    inside ranks.py's all_reduce (and barrier, which takes no tensor). This proves the routing; that the helper puts its
+    tensor on the loop's device is the next test. Neither proves NCCL itself runs: no GPU here."""
     import ast
     collectives = {"all_reduce", "broadcast", "all_gather", "all_gather_object", "reduce_scatter", "gather",
                    "scatter", "reduce", "broadcast_object_list", "all_to_all", "send", "recv"}
@@ -398,7 +409,7 @@ def test_every_collective_goes_through_the_device_helper():
                 if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                         and node.func.attr in collectives and isinstance(node.func.value, ast.Name)
                         and node.func.value.id == "dist"):
-                    assert path.name == "runtime.py" and fn.name == "all_reduce", f"{path.name}:{node.lineno} {fn.name}"
+                    assert path.name == "ranks.py" and fn.name == "all_reduce", f"{path.name}:{node.lineno} {fn.name}"
 
 
 def test_all_reduce_helper_puts_the_tensor_on_the_loop_device(monkeypatch):
@@ -417,7 +428,7 @@ def test_all_reduce_helper_puts_the_tensor_on_the_loop_device(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
     for op, want in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX)):
         with pytest.raises(Seen) as e:
-            scope.all_reduce([1.0, 2.0], torch.device("meta"), op)
+            ranks.all_reduce([1.0, 2.0], torch.device("meta"), op)
         assert e.value.args == (torch.device("meta"), want)
 
 
@@ -425,13 +436,15 @@ def test_every_entry_point_takes_a_timeout_for_its_process_group(monkeypatch):
     """--dist-timeout (default 1 h) reaches init_process_group for NCCL and gloo alike: NCCL's own default (10 min)
     is shorter than the spread of rollout time between ranks at the paper's lengths."""
     import datetime
+
     import torch.distributed as dist
+
+    import ranks
     import reproduce
-    import runtime
     from eval import run as eval_run
     seen = []
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **k: seen.append((backend, k["timeout"])))
-    runtime.init_group(123)
+    ranks.init_group(123)
     assert seen == [("gloo", datetime.timedelta(seconds=123))]
     for cls in (scope.Args, reproduce.RArgs, eval_run.EvalArgs):
         assert cls().dist_timeout == 3600.0
@@ -442,19 +455,19 @@ def test_data_is_a_jsonl_file_or_a_directory_of_them(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     (tmp_path / "d" / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:]) + "\n")
-    assert list(scope.load_problems(str(tmp_path / "d"))) == rows               # read lazily, row by row
-    assert list(scope.load_problems(str(tmp_path / "d" / "a.jsonl"))) == rows[:2]
+    assert list(loading.load_problems(str(tmp_path / "d"))) == rows               # read lazily, row by row
+    assert list(loading.load_problems(str(tmp_path / "d" / "a.jsonl"))) == rows[:2]
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no .jsonl file in this directory"):
-        scope.load_problems(str(tmp_path / "empty"))
+        loading.load_problems(str(tmp_path / "empty"))
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(SystemExit, match="expected a .jsonl file or a directory"):
-        scope.load_problems(str(tmp_path / "x.txt"))
+        loading.load_problems(str(tmp_path / "x.txt"))
     with pytest.raises(SystemExit, match="no such file"):
-        scope.load_problems(str(tmp_path / "missing.jsonl"))
+        loading.load_problems(str(tmp_path / "missing.jsonl"))
     (tmp_path / "bad.jsonl").write_text(json.dumps({"problem": "1+1=?"}) + "\n")
     with pytest.raises(SystemExit, match="bad.jsonl:1: field 'answer'"):
-        scope.load_problems(str(tmp_path / "bad.jsonl"))
+        loading.load_problems(str(tmp_path / "bad.jsonl"))
 
 
 def test_rollouts_in_kv_budget_chunks_equal_one_generate_call(micro_models):
@@ -464,10 +477,10 @@ def test_rollouts_in_kv_budget_chunks_equal_one_generate_call(micro_models):
     import types
     student_dir, _ = micro_models
     rt = types.SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), fsdp=False, amp=contextlib.nullcontext)
-    tok = scope.load_tokenizer(student_dir, "student")
-    model = scope.load_model(student_dir, "student", "float32")
+    tok = loading.load_tokenizer(student_dir, "student")
+    model = loading.load_model(student_dir, "student", "float32")
     rows = tiny_testbed.tiny_task("train", 64, seed=0)
-    idx, my = scope.step_prompts(0, len(rows), 6, 0), list(range(6))
+    idx, my = loading.step_prompts(0, len(rows), 6, 0), list(range(6))
     out = {}
     for budget in (0, 250):                                          # 250 tokens: one prompt (x4 rollouts) per call
         args = run_args(micro_models, "unused", prompts_per_step=6, rollout_tokens=budget)

@@ -1,18 +1,19 @@
 """The math-answer verifier: labelled cases, hostile inputs, time bound, and oracles on the real benchmarks."""
 
 import json
-import re
 import os
+import re
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import verifier
-from eval import extract
 from conftest import SHARED_BENCHMARKS
+from eval import extract
 from verifier_cases import CASES
 
 BOUND_S = 1.0
@@ -175,7 +176,8 @@ def test_math500_solutions_verify_against_gold():
 def test_another_problems_gold_is_rejected(name):
     rows = load(name)
     pairs = [(rows[i]["answer"], rows[(i + 1) % len(rows)]["answer"]) for i in range(len(rows))]
-    pairs = [(p, g) for p, g in pairs if p.replace(" ", "") != g.replace(" ", "")]   # identical golds are right to match
+    # identical golds are right to match
+    pairs = [(p, g) for p, g in pairs if p.replace(" ", "") != g.replace(" ", "")]
     accepted = [(p, g) for p, g in pairs if verifier.is_equiv(p, g)]
     print(f"{name}: {len(accepted)}/{len(pairs)} shifted pairs accepted")
     assert len(accepted) <= 0.01 * len(pairs), accepted

@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-import runtime
+import loading
+import logprobs
+import memory
+import ranks
 import scope
 import tiny_testbed
 import vllm_engine
@@ -42,7 +45,7 @@ def engine_logprobs(llm, seqs):
 
 def trainer_logprobs(model, seqs):
     with torch.no_grad():
-        return torch.cat([scope.model_logprobs(model, torch.tensor([s[1:]]), input_ids=torch.tensor([s[:-1]])).logits[0]
+        return torch.cat([logprobs.model_logprobs(model, torch.tensor([s[1:]]), input_ids=torch.tensor([s[:-1]])).logits[0]
                           for s in seqs])
 
 
@@ -57,14 +60,14 @@ def untied_copy(student, out):
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(student)
     cfg.tie_word_embeddings = False
-    tied = scope.load_model(student, "student", "float32")
+    tied = loading.load_model(student, "student", "float32")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     model.load_state_dict(tied.state_dict(), strict=False)
     with torch.no_grad():
         model.lm_head.weight.copy_(tied.get_input_embeddings().weight + 0.05 * torch.randn_like(model.lm_head.weight))
     model.save_pretrained(out)
-    scope.load_tokenizer(student, "student").save_pretrained(out)
+    loading.load_tokenizer(student, "student").save_pretrained(out)
     return str(out)
 
 
@@ -80,8 +83,8 @@ def test_weight_push_keeps_the_engines_logprobs_equal_to_the_trainers(micro_mode
     student = micro_models[0] if tied else untied_copy(micro_models[0], tmp_path / "untied")
     real = vllm_engine.get_engine
     monkeypatch.setattr(vllm_engine, "get_engine", lambda *a, **k: real(*a, **{**k, "dtype": dtype}))
-    tok = scope.load_tokenizer(student, "student")
-    model = scope.load_model(student, "student", "float32")
+    tok = loading.load_tokenizer(student, "student")
+    model = loading.load_model(student, "student", "float32")
     engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=48), student)
     seqs = fixed_sequences(tok)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
@@ -89,7 +92,7 @@ def test_weight_push_keeps_the_engines_logprobs_equal_to_the_trainers(micro_mode
     previous = trainer_logprobs(model, seqs)
     for step in range(3):
         ids = torch.tensor([seqs[step]])
-        loss = scope.model_logprobs(model, ids[:, 1:], input_ids=ids[:, :-1]).logits.sum()   # push one sequence down
+        loss = logprobs.model_logprobs(model, ids[:, 1:], input_ids=ids[:, :-1]).logits.sum()   # push one sequence down
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -115,9 +118,10 @@ def test_weight_push_keeps_the_engines_logprobs_equal_to_the_trainers(micro_mode
 
 def test_a_tensor_that_never_reaches_the_engine_is_named(micro_models, monkeypatch):
     student, _ = micro_models
-    model = scope.load_model(student, "student", "float32")
+    model = loading.load_model(student, "student", "float32")
     engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=48), student)
-    monkeypatch.setattr(runtime, "tied_names", lambda m: {"lm_head.weight", "model.norm.weight"})   # norm never sent
+    # norm never sent
+    monkeypatch.setattr(vllm_engine, "tied_names", lambda m: {"lm_head.weight", "model.norm.weight"})
     with pytest.raises(RuntimeError, match=r"weight push incomplete.*model\.norm\.weight"):
         engine.push_weights(model)
 
@@ -140,9 +144,9 @@ def test_training_on_the_engine_reuses_one_engine_and_sends_hf_token_ids(micro_m
             monkeypatch.setattr(built[0], "generate", lambda prompts, *a, **k: sent.append(prompts) or generate(
                 prompts, *a, **k))
     assert len(built) == 2 and built[0] is built[1]                     # asked for twice, built once
-    tok = scope.load_tokenizer(args.student, "student")
+    tok = loading.load_tokenizer(args.student, "student")
     rows = tiny_testbed.tiny_task("train", 20000, args.seed)              # the embedded default's training rows
-    idx = scope.step_prompts(0, len(rows), args.prompts_per_step, args.seed)
+    idx = loading.step_prompts(0, len(rows), args.prompts_per_step, args.seed)
     want = [{"prompt_token_ids": tok(scope.prompt_text(tok, rows[i]["problem"]), add_special_tokens=False)["input_ids"]}
             for i in idx]
     assert sent[0] == want
@@ -152,8 +156,8 @@ def test_batch_layout_matches_the_hf_engine(micro_models):
     """The engine returns the `generate` contract: prompt-major rows, left-padded prompts, responses up to and
     including eos, truncation from finish_reason, the sampled tokens' log-probs; seeded rollouts are repeatable."""
     student, _ = micro_models
-    tok = scope.load_tokenizer(student, "student")
-    model = scope.load_model(student, "student", "float32")
+    tok = loading.load_tokenizer(student, "student")
+    model = loading.load_model(student, "student", "float32")
     engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=12), student)
     prompts = [scope.prompt_text(tok, p) for p in ("12+30=?", "1/2+1/2=?")]
     b = engine.generate(model, tok, prompts, 3, [5, 9], torch.device("cpu"))
@@ -192,7 +196,7 @@ def partial_push(left_out):
     """A push that hands the engine every tensor but `left_out`, without push_weights' own checks (a bug the version
     check must catch by itself)."""
     def push(self, student):
-        tied = runtime.tied_names(student)
+        tied = ranks.tied_names(student)
         vllm_engine._ENGINE["pushes"] = version = vllm_engine._ENGINE["pushes"] + 1
         names = list(student.state_dict())
         to_send = [k for k in names if k not in tied]
@@ -274,7 +278,7 @@ def add_scale(worker):
 
 def test_a_prefix_cache_that_did_not_reset_stops_the_push(micro_models, monkeypatch):
     student, _ = micro_models
-    model = scope.load_model(student, "student", "float32")
+    model = loading.load_model(student, "student", "float32")
     engine = vllm_engine.VLLMRollouts(scope.Args(student=student, rollout_engine="vllm", max_new_tokens=48), student)
     monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: False)
     with pytest.raises(RuntimeError, match="did not reset its prefix cache"):
@@ -335,6 +339,7 @@ def test_teardown_leaves_nothing_alive_also_after_an_error_contract(micro_models
     really do is not shown here: bench/gpu_check.py (c) builds a second engine after closing a sleeping one."""
     import gc
     import weakref
+
     import vllm.platforms
     monkeypatch.setattr(vllm.platforms.current_platform, "is_sleep_mode_available", lambda: True)
     registry, refs, calls, real = [], [], [], vllm_engine.get_engine
@@ -387,8 +392,9 @@ def test_settings_the_engine_cannot_honour_are_refused(micro_models):
     with pytest.raises(SystemExit, match="leaves no room for a prompt: .* has 256 positions"):
         vllm_engine.VLLMRollouts(scope.Args(rollout_engine="vllm", max_new_tokens=256), student)
     engine = vllm_engine.VLLMRollouts(scope.Args(rollout_engine="vllm", max_new_tokens=200), student)
-    assert engine.max_len == 256                                          # capped at the model's positions, not 2048+200
-    tok = scope.load_tokenizer(student, "student")
+    # capped at the model's positions, not 2048+200
+    assert engine.max_len == 256
+    tok = loading.load_tokenizer(student, "student")
     with pytest.raises(ValueError, match=r"a prompt of \d+ tokens \+ --max-new-tokens 200 does not fit .* 256"):
         engine.generate(None, tok, [scope.prompt_text(tok, "1+" * 40 + "1=?")], 2, None, torch.device("cpu"))
 
@@ -453,17 +459,18 @@ def test_missing_vllm_is_a_clear_error(micro_models, tmp_path, no_engine, no_vll
 
 def test_paper_preset_uses_the_vllm_engine_and_plans_for_it():
     import dataclasses
+
     from transformers import Qwen2Config
     args = scope.resolve({"preset": "paper"})
     assert args.rollout_engine == "vllm" and scope.resolve({}).rollout_engine == "hf"
     cfg = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
-    text, _ = scope.memory_plan(args, cfg, cfg, 8, gpu_gib=80.0)
+    text, _ = memory.memory_plan(args, cfg, cfg, 8, gpu_gib=80.0)
     assert "rollouts: vLLM engine awake (vllm_gpu_memory x GPU)" in text and "32.0 GiB" in text   # 0.4 x 80
     assert "this GPU has 80 GiB: fits" in text                        # the verdict, when the GPU's size is known
     big = dataclasses.replace(args, micro_batch_tokens=10**9)          # activations of 1e9 tokens cannot fit 80 GiB
-    assert "LIKELY OUT OF MEMORY" in scope.memory_plan(big, cfg, cfg, 8, gpu_gib=80.0)[0]
-    unknown = scope.memory_plan(args, cfg, cfg, 8)[0]                  # no GPU: 80 GiB assumed for the engine's share
+    assert "LIKELY OUT OF MEMORY" in memory.memory_plan(big, cfg, cfg, 8, gpu_gib=80.0)[0]
+    unknown = memory.memory_plan(args, cfg, cfg, 8)[0]                  # no GPU: 80 GiB assumed for the engine's share
     assert "this GPU" not in unknown and "32.0 GiB" in unknown
     with pytest.raises(ValueError, match="rollout_engine"):
         scope.resolve({"rollout_engine": "sglang"})
@@ -473,13 +480,16 @@ def test_the_memory_plan_counts_an_fp8_engines_embeddings_and_head_at_two_bytes(
     """fp8 quantises the decoder's linear layers; the embeddings and the output layer stay bf16. On the CPU the plan
     shows the engine's weights: the fp8 row is the bf16 one less one byte per decoder parameter."""
     import dataclasses
-    import memory
+
     from transformers import Qwen2Config
+
+    import memory
     for tied in (True, False):
         cfg = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                           num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=tied)
         args = scope.resolve({"preset": "paper"})
-        row = lambda a: next(float(line.split()[-2]) for line in memory.memory_plan(a, cfg, cfg, 8, ram_gib=1e4)[0]   # noqa: E731
+        # noqa: E731
+        row = lambda a: next(float(line.split()[-2]) for line in memory.memory_plan(a, cfg, cfg, 8, ram_gib=1e4)[0]
                              .splitlines() if "vLLM CPU engine" in line)
         root = cfg.vocab_size * cfg.hidden_size * (1 if tied else 2)
         decoder = memory.params(cfg) - root
@@ -517,8 +527,9 @@ def test_reproduce_under_torchrun_with_the_vllm_engine(micro_models, tmp_path):
 def test_eval_backends_send_the_same_prompt_ids(micro_models, tmp_path, monkeypatch):
     """The hf and vllm backends feed the model the same token ids for every prompt (the chat template, no special
     tokens added), read from what each backend actually passes to its generator."""
-    from eval.run import EvalArgs, evaluate
     from transformers import GenerationMixin
+
+    from eval.run import EvalArgs, evaluate
     student, _ = micro_models
     seen = {"hf": [], "vllm": []}
     real_generate = GenerationMixin.generate
