@@ -1,5 +1,6 @@
-"""Ranks, devices and the sharded student under scope.py's loop: one process or torchrun, the process group, the one
-collective on data (all_reduce), FSDP2's wrap and its gradient sync, the gradient norm.
+"""Ranks, devices and the sharded student under scope.py's loop: one process or torchrun, the process group, the
+collectives on data (all_reduce; all_gather_objects for the released recipe's rank split), FSDP2's wrap and its
+gradient sync, the gradient norm.
 
 Engineering a reader of the method can take on trust: scope.py calls each of these in one line and says why there.
 It imports no project module.
@@ -63,6 +64,17 @@ def all_reduce(values, device, op="sum"):
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def all_gather_objects(obj):
+    """Every rank's `obj` (CPU tensors), in rank order: the one collective that moves rows between ranks, used only by
+    the released recipe's balanced rank split (batching.balanced_ranks). One process: [obj]."""
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def single_process(device="cpu"):

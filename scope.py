@@ -12,12 +12,10 @@ Baselines (baselines.py): OPD (eq. 3 on every rollout), PSR (eq. 2 alone), GRPO,
     torchrun --nproc-per-node=2 scope.py                # 2 processes, FSDP2 (gloo CPU, NCCL GPU)
     torchrun --nproc-per-node=8 scope.py --preset paper # R1-Distill-Qwen-1.5B + Skywork-OR1-7B
 
-Sections, in the order of the algorithm (the equations: docs/method.md): 1. the loss (eq. 1-6;
-torch and math only, copyable), the table of methods; 2. verifying rollouts (R_i; the checker is
-verifier.py); 3. rollouts and scoring; 4. the config (its docstrings are the --help); 5. the loop,
-one function per phase. Engineering lives beside it, one call each: ranks.py (ranks, FSDP2),
-batching.py, step_log.py (the step's record, alarms), logprobs.py (log-probs without logits),
-loading.py, checkpoints.py, memory.py, vllm_engine.py (a vLLM sampler, when chosen).
+Sections in the algorithm's order (equations: docs/method.md): 1. the loss (eq. 1-6; torch, math
+only, copyable), the methods; 2. verifying (R_i); 3. rollouts, scoring; 4. the config; 5. the loop, a
+function a phase. Beside it, one call each: ranks.py (ranks, FSDP2), batching.py, step_log.py (the
+step's record), logprobs.py, loading.py, checkpoints.py, memory.py, vllm_engine.py (a sampler).
 """
 
 # --------------------------------------------------------------------------------------------------
@@ -169,12 +167,15 @@ def _normalisers(counts, agg, mask, rewards, weights):
     elif agg == "token":   # the official token-mean (MLE: correct tokens, OPD: all), global
         d_mle, d_opd = counts["tokens_correct"], counts["tokens"]
     else:  # the released actor (docs/method.md): token means within THIS micro-batch, the MLE's
-        # over tokens of correct rollouts whose weight is above 0, each + 1e-8 (its masked_mean),
-        # times the micro-batch's share of the batch's rollouts (which also averages over ranks)
+        # over tokens of correct rollouts whose weight is above 0, each count + 1e-8 in float32 (its
+        # masked_mean: the 1e-8 vanishes for counts of 1 or more), times the micro-batch's share of
+        # the batch's rollouts (which also averages over ranks)
         tokens = mask.sum(-1)                                      # (b,)
         share = counts["rollouts"] / max(mask.shape[0], 1)
         mle_tokens = (tokens * rewards * (weights > 0)).sum()
-        return (float(mle_tokens) + 1e-8) * share, (float(tokens.sum()) + 1e-8) * share
+        f32 = [float(torch.tensor(float(n), dtype=torch.float32, device="cpu") + 1e-8)
+               for n in (mle_tokens, tokens.sum())]
+        return f32[0] * share, f32[1] * share
     return max(d_mle, 1.0), max(d_opd, 1.0)
 
 
@@ -263,12 +264,12 @@ from pathlib import Path
 import baselines  # OPD, PSR, GRPO, KD
 import memory  # the plan, before loading
 import verifier  # section 2: the reward R_i
-from batching import micro_batches, pad_cat, split_batch, trim
+from batching import balanced_ranks, micro_batches, pad_cat, split_batch, trim
 from checkpoints import OutDirLock, resume, save_checkpoint
 from loading import drop_long_prompts, load_models, run_inputs, step_prompts
 from logprobs import sequence_logprobs, shared_prompt_logprobs
 from ranks import all_reduce, clip_grad_norm, setup, shard, sync_gradients
-from step_log import UpdateLog, log_step
+from step_log import UpdateLog, avg_pass, log_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,20 +294,17 @@ def rollouts_per_prompt(args):
 
 
 def logprob_temperature(args):
-    """The student's log-probs' temperature (eq. 1-4): 1 (pi_theta itself), or the sampling
-    temperature (the released code, --logprob-temperature sampling). The teacher's are at 1."""
+    """The student's log-probs' temperature (eq. 1-4): 1, or the sampling one (released code)."""
     return args.temperature if args.logprob_temperature == "sampling" else 1.0
 
 
 # --------------------------------------------------------------------------------------------------
 # 2. Verifying rollouts: R_i in {0, 1} (docs/method.md), the answer checker in verifier.py
 # --------------------------------------------------------------------------------------------------
-# R_i = 1 when the last \boxed{} of a rollout equals the gold answer (verifier.is_equiv: a safe,
-# time-bounded LaTeX -> sympy comparison that never executes model output) and the rollout was not
-# cut at max_new_tokens. --grader official: verifier.official_reward, the released string match.
+# R_i = 1 when the last \boxed{} equals the gold answer (verifier.is_equiv: safe, time-bounded,
+# never runs model output) and the rollout was not cut off. --grader official: the released grader.
 def decode_responses(tokenizer, batch):
-    """The response texts, up to their eos (past the mask: pad, a special token; 0 is an ordinary
-    one)."""
+    """The response texts up to their eos (past the mask: pad, a special token; 0 is an ordinary one)"""
     ids = torch.where(batch["response_mask"].bool(), batch["response_ids"], tokenizer.pad_token_id)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -339,10 +337,9 @@ def row_seeds(*key_and_rows):
 
 
 class GumbelSampler:
-    """The last logits processor: argmax(logits + Gumbel noise) is an exact sample of
-    softmax(logits). With seeds, row i's noise has its own generator, seeded by (run seed, step,
-    prompt, rollout): one process and torchrun draw the same rollouts, and a resumed run redraws
-    what the uninterrupted one drew. Without seeds: torch's RNG."""
+    """The last logits processor: argmax(logits + Gumbel noise) is an exact sample of softmax(logits).
+    With seeds, row i's noise has its own generator seeded by (run seed, step, prompt, rollout):
+    any number of ranks, and a resumed run, draw the same rollouts. Without: torch's RNG."""
 
     def __init__(self, seeds=None):
         self.gens = seeds and [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -511,6 +508,10 @@ class Args:
     """scope: log its two paths' gradient norms (one more backward per micro-batch; one process)"""
     tau: float = 1.0
     """SCOPE weight temperature (eq. 4-5)"""
+    weights_logprobs: str = "sampler"
+    """pi_old's log-probs for eq. 4: sampler (its own) | trainer (recomputed first: released code)"""
+    rank_split: str = "prompts"
+    """torchrun: prompts (rank r: prompts r, r + W, ...) | balanced (by tokens: released trainer)"""
     weight_norm: str = "sum"
     """sum: weights sum to 1 per (prompt, path) (eq. 4-5); mean: they average 1 (official code)"""
     student_weight: str = "paper"
@@ -552,27 +553,24 @@ class Args:
 
 PRESETS = {
     "tiny": {},
-    # The paper's setup (docs/method.md): 256 prompts x 8 rollouts, one update per batch, lr 5e-5
-    # constant, wd 0.01, T 0.6. Token budgets: docs/gpu.md, the memory plan for 8 x 80 GB; vLLM's
-    # share 0.4 holds a quarter of a rank's rollouts in its KV cache.
-    "paper": dict(student="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
-                  teacher="Skywork/Skywork-OR1-7B", data="zwhe99/DeepMath-103K",
-                  max_prompt_tokens=4096,
-                  instruction="Please reason step by step, and put your final answer within "
-                              "\\boxed{}.",
-                  prompts_per_step=256, max_new_tokens=12288, temperature=0.6, lr=5e-5, steps=500,
-                  seeded_sampling=False, eval_every=0, save_every=20, dtype="bfloat16",
-                  cache_dir="",
-                  gradient_checkpointing=True, micro_batch_tokens=32768, score_tokens=65536,
-                  rollout_tokens=1 << 20, rollout_engine="vllm", vllm_gpu_memory=0.4),
+    # The paper's setup (docs/method.md): 256 prompts x 8 rollouts, one update a batch, lr 5e-5, wd
+    # 0.01, T 0.6. Budgets: docs/gpu.md; vLLM's 0.4 holds a quarter of a rank's rollouts at once.
+    "paper": dict(student="deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", teacher="Skywork/Skywork-OR1-7B",
+                  data="zwhe99/DeepMath-103K", max_prompt_tokens=4096, instruction="Please reason step "
+                  "by step, and put your final answer within \\boxed{}.", prompts_per_step=256, steps=500,
+                  max_new_tokens=12288, temperature=0.6, lr=5e-5, seeded_sampling=False, eval_every=0,
+                  save_every=20, dtype="bfloat16", cache_dir="", gradient_checkpointing=True,
+                  micro_batch_tokens=32768, score_tokens=65536, rollout_tokens=1 << 20,
+                  rollout_engine="vllm", vllm_gpu_memory=0.4),
 }
 
-# --recipe official: the released scripts (machine981/SCOPE, run_experiment_distill_1_5b.sh): their
-# weight signs and mean-1 weights, their per-micro-batch normalisation over micro-batches balanced
-# to 16,384 tokens per GPU, student log-probs at the sampling temperature 0.6, the string match.
+# --recipe official: the released scripts (machine981/SCOPE): their weights' signs and mean 1, from
+# the trainer's log-probs; token means per micro-batch, micro-batches balanced to 16,384 tokens a GPU,
+# ranks balanced by tokens; student log-probs at the sampling temperature 0.6; their grader.
 OFFICIAL_RECIPE = dict(weight_norm="mean", student_weight="reversed", teacher_weight="paper",
                        temperature=0.6, loss_agg="official-microbatch", micro_batch_tokens=16384,
-                       logprob_temperature="sampling", grader="official")
+                       logprob_temperature="sampling", grader="official",
+                       weights_logprobs="trainer", rank_split="balanced")
 
 
 def resolve(given):
@@ -586,6 +584,8 @@ def resolve(given):
     _check_option("logprob_temperature", args.logprob_temperature, ("one", "sampling"))
     _check_option("dtype", args.dtype, ("float32", "bfloat16"))
     _check_option("rollout_engine", args.rollout_engine, ("hf", "vllm"))
+    _check_option("weights_logprobs", args.weights_logprobs, ("sampler", "trainer"))
+    _check_option("rank_split", args.rank_split, ("prompts", "balanced"))
     filtered = args.top_k > 0 or args.top_p < 1
     if args.rollout_engine == "vllm" and args.logprob_temperature == "sampling" and filtered:
         raise ValueError("--rollout-engine vllm with --logprob-temperature sampling cannot use "
@@ -749,13 +749,14 @@ def teacher_samples(args, rt, teacher, tokenizer, rows, idx, my, kd_cache):
 
 
 def batch_weights(args, batch):
-    """Phase 4a, on the whole batch before any micro-batching: SCOPE's weights (eq. 4-5) from
-    pi_old's log-probs of the sampled tokens (the sampler's) and the teacher's; a baseline's own per-row
+    """Phase 4a, on the whole batch before any micro-batching: SCOPE's weights (eq. 4-5) from pi_old's
+    log-probs (the sampler's, or the trainer's own) and the teacher's; a baseline's own per-row
     inputs (uniform weights, GRPO's advantages: baselines.py). -> {name: (B,) tensor}."""
     baseline = METHODS[args.method].baseline
     if baseline:
         return baseline.rows(args, batch)
-    w = scope_weights(batch["logp_sampler"], batch["logp_teacher"], batch["response_mask"],
+    pi_old = batch["logp_old"] if args.weights_logprobs == "trainer" else batch["logp_sampler"]
+    w = scope_weights(pi_old, batch["logp_teacher"], batch["response_mask"],
                       batch["groups"], batch["rewards"], args.tau, args.weight_norm,
                       args.student_weight, args.teacher_weight)
     return {"weights": w}
@@ -766,10 +767,18 @@ def update_student(args, rt, student, opt, batch):
     first, on whole groups; then the batch is cut into micro-batches within micro_batch_tokens (a
     cut may split a group), each a forward (s_it, with gradient), the loss and a backward.
     -> (the update's metrics, the sums log_step adds)."""
+    if args.weights_logprobs == "trainer":                         # pi_old recomputed, no gradient
+        batch["logp_old"] = torch.zeros_like(batch["logp_sampler"])
+        with torch.no_grad(), rt.amp():
+            for rows in split_batch(args, rt, batch):              # as many on every rank (FSDP2)
+                lp = student_logprobs(student, trim({k: v[rows] for k, v in batch.items()}), args)
+                batch["logp_old"][rows, :lp.shape[1]] = lp.float()
     batch.update(batch_weights(args, batch))                       # eq. 4-5, on whole groups
     local = batch_counts(batch["response_mask"], batch["rewards"], batch["groups"],
                          group_size=rollouts_per_prompt(args))
     counts = dict(zip(local, all_reduce(local.values(), rt.device)))   # the global batch's
+    if args.rank_split == "balanced":                              # the released trainer's split
+        batch = balanced_ranks(batch, rt)
     baseline = METHODS[args.method].baseline                       # None: SCOPE; else baselines.py
     log = UpdateLog(args, rt, student, batch, METHODS[args.method])   # sums, alarms, path norms
     parts = split_batch(args, rt, batch)                           # as many on every rank (FSDP2)
@@ -823,15 +832,7 @@ def evaluate(model, tokenizer, rows, k, args, seed_key, rt):
                     for j in range(k))
             hist[rows[i].get("level", "all")][int(c)] += 1
     flat = all_reduce([x for lv in levels for x in hist[lv]], rt.device)
-    hist = {lv: flat[i * (k + 1):(i + 1) * (k + 1)] for i, lv in enumerate(levels)}
-    if "all" not in hist:
-        hist["all"] = [sum(h[c] for h in hist.values()) for c in range(k + 1)]
-    out = {}
-    for lv, h in sorted(hist.items(), key=lambda x: x[0] == "all"):
-        total = max(sum(h), 1.0)
-        out[f"eval/{lv}/avg@{k}"] = sum(c * h[c] for c in range(k + 1)) / (k * total)
-        out[f"eval/{lv}/pass@{k}"] = sum(h[1:]) / total            # unbiased Pass@k from k samples
-    return out
+    return avg_pass({lv: flat[i * (k + 1):(i + 1) * (k + 1)] for i, lv in enumerate(levels)}, k)
 
 
 if __name__ == "__main__":

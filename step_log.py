@@ -100,6 +100,19 @@ def summed_logs(logs, rt):
     return {**record, "loss": sum(record[k] for k in losses)}
 
 
+def avg_pass(hist, k):
+    """Avg@k and Pass@k per level and overall from {level: [problems with c of k samples correct, c = 0..k]}: Avg@k
+    the mean accuracy, Pass@k the share of problems with one correct sample or more (unbiased, from k samples)."""
+    if "all" not in hist:
+        hist = {**hist, "all": [sum(h[c] for h in hist.values()) for c in range(k + 1)]}
+    out = {}
+    for lv, h in sorted(hist.items(), key=lambda x: x[0] == "all"):
+        total = max(sum(h), 1.0)
+        out[f"eval/{lv}/avg@{k}"] = sum(c * h[c] for c in range(k + 1)) / (k * total)
+        out[f"eval/{lv}/pass@{k}"] = sum(h[1:]) / total
+    return out
+
+
 def log_step(step, record, sums, batch, t, device):
     """Phase 5: the step's JSON record, with batch statistics summed over ranks (docs/training.md: logging keys).
     sums: the update's {"nll", "gap"} on this rank (UpdateLog.record)."""

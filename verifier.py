@@ -751,30 +751,109 @@ def reward(response, gold, truncated=False):
     return verify_response(response, gold, truncated)
 
 
-def math_normalize(s):
-    """The MATH benchmark's answer normalisation, as its string grader applies it (Hendrycks et al. 2021): drop
-    spaces, \\left/\\right, \\!, degrees, dollars, percent, a trailing text unit and a short "x =" prefix;
-    \\dfrac/\\tfrac -> \\frac, \\frac12 -> \\frac{1}{2}, \\sqrt3 -> \\sqrt{3}, a/b -> \\frac{a}{b},
-    0.5 -> \\frac{1}{2}, .5 -> 0.5."""
+# ---------------------------------------------------------------------------------------------------------------
+# The released code's training grader (--grader official): the MATH benchmark's string match (Hendrycks et al. 2021)
+# as the released fork's verl/utils/reward_score/math.py runs it, rule for rule, written here from its behaviour.
+# ---------------------------------------------------------------------------------------------------------------
+def _released_last_box(s):
+    """The released last box: with "\\boxed " (a space) anywhere, what follows its last occurrence up to a "$";
+    else the last "\\boxed" (without one, the last "\\fbox") through its balanced braces (an escaped "\\}" counts
+    as a brace); else None."""
+    if "\\boxed " in s:
+        return "\\boxed " + s.split("\\boxed ")[-1].split("$")[0]
+    start = s.rfind("\\boxed")
+    start = s.rfind("\\fbox") if start < 0 else start
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start, len(s)):
+        depth += (s[i] == "{") - (s[i] == "}")
+        if s[i] == "}" and depth == 0:
+            return s[start:i + 1]
+    return None
+
+
+def _released_unbox(box):
+    """The box's content; anything else than "\\boxed x" or "\\boxed{...}" (an \\fbox) is an error: scores 0."""
+    if "\\boxed " in box:
+        if not box.startswith("\\boxed "):
+            raise ValueError(box)
+        return box[len("\\boxed "):]
+    if not (box.startswith("\\boxed{") and box.endswith("}")):
+        raise ValueError(box)
+    return box[len("\\boxed{"):-1]
+
+
+def _released_fracs(s):
+    """\\frac12 -> \\frac{1}{2}, \\frac1{2} -> \\frac{1}{2}; a \\frac with nothing after it is an error."""
+    parts = s.split("\\frac")
+    out = parts[0]
+    for p in parts[1:]:
+        out += "\\frac"
+        if p[0] == "{":
+            out += p
+        elif len(p) < 2:
+            return s
+        elif p[1] != "{":
+            out += "{" + p[0] + "}{" + p[1] + "}" + p[2:]
+        else:
+            out += "{" + p[0] + "}" + p[1] + p[2:]
+    return out
+
+
+def _released_sqrt(s):
+    """\\sqrt3 -> \\sqrt{3}; a \\sqrt with nothing after it is an error."""
+    if "\\sqrt" not in s:
+        return s
+    parts = s.split("\\sqrt")
+    return parts[0] + "".join("\\sqrt" + p if p[0] == "{" else "\\sqrt{" + p[0] + "}" + p[1:] for p in parts[1:])
+
+
+def _released_a_slash_b(s):
+    parts = s.split("/")
+    if len(parts) != 2 or not all(re.fullmatch(r"[-+]?\d+", x.strip()) for x in parts):
+        return s
+    a, b = int(parts[0]), int(parts[1])
+    return f"\\frac{{{a}}}{{{b}}}" if s == f"{a}/{b}" else s
+
+
+def released_normalize(s):
+    """The released strip_string: no line breaks, \\!, doubled backslashes, \\left/\\right, degrees, \\$, one unit
+    after "\\text{ " (two are an error), \\% (a bare % stays); " ." / "{." / a leading "." get a 0; a short "x ="
+    prefix goes; \\sqrt3, spaces, \\frac12, 0.5 -> \\frac{1}{2}, a/b -> \\frac{a}{b}."""
     s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\").replace("tfrac", "frac").replace("dfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "").replace("^{\\circ}", "").replace("^\\circ", "")
-    s = s.replace("\\$", "").replace("\\%", "").replace("%", "")
-    s = re.sub(r"\\text\{\s[^{}]*\}$", "", s).strip()                  # "10\text{ cm}"
-    s = re.sub(r"(^|[\s{])\.(\d)", r"\g<1>0.\2", s)                      # .5 -> 0.5
-    if re.fullmatch(r"[a-zA-Z]\s*=.*", s) and len(s.split("=")[0].strip()) <= 2:
-        s = s.split("=", 1)[1]
-    s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s).replace(" ", "")
-    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac\{(\d+)\}(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac(\d)\{", r"\\frac{\1}{", s)
+    s = s.replace("\\$", "")
+    if "\\text{ " in s:
+        parts = s.split("\\text{ ")
+        if len(parts) != 2:
+            raise ValueError(s)
+        s = parts[0]
+    s = s.replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+    if not s:
+        return s
+    s = "0" + s if s[0] == "." else s
+    if len(s.split("=")) == 2 and len(s.split("=")[0]) <= 2:
+        s = s.split("=")[1]
+    s = _released_fracs(_released_sqrt(s).replace(" ", ""))
     s = "\\frac{1}{2}" if s == "0.5" else s
-    m = re.fullmatch(r"(-?\d+)/(\d+)", s)
-    return f"\\frac{{{m.group(1)}}}{{{m.group(2)}}}" if m else s
+    return _released_a_slash_b(s)
 
 
 def official_reward(response, gold, truncated=False):
-    """The released code's training grader (option --grader official): 1.0 when the last box, normalised by
-    math_normalize, is the same string as the normalised gold. No symbolic equivalence (0.5 = 1/2 only by the rule
-    above; 2/4 != 1/2)."""
-    answer = None if truncated else extract_boxed(response)
-    return float(answer is not None and bool(answer.strip()) and math_normalize(answer) == math_normalize(gold))
+    """The released code's training grader (--grader official): 1.0 when the last box's content, normalised by
+    released_normalize, is the same string as the normalised gold; when normalising raises, the raw strings are
+    compared; any other error scores 0. No symbolic equivalence (2/4 != 1/2), and no truncation rule: a cut-off
+    response whose last box matches scores 1 (`truncated` is taken and ignored, as the released code has no such
+    input). It reads strings only and runs in time linear in the response."""
+    try:
+        box = _released_last_box(response)
+        if box is None:
+            return 0.0
+        answer = _released_unbox(box)
+        try:
+            return float(released_normalize(answer) == released_normalize(gold))
+        except (ValueError, IndexError):
+            return float(answer == gold)
+    except ValueError:
+        return 0.0

@@ -194,6 +194,27 @@ def test_torchrun_two_ranks_equals_one_process(micro_models, tmp_path):
     assert any(not torch.equal(a[k], params_initial(micro_models)[k]) for k in a)   # training changed something
 
 
+def test_the_released_recipe_under_torchrun(micro_models, tmp_path):
+    """--recipe official on 2 ranks (gloo, FSDP2): the weights from the trainer's recomputed log-probs (a no-grad
+    forward of the sharded student, as many on every rank), the rank split balanced by tokens (rows move between the
+    ranks), verl's micro-batches: 2 steps train, with the same rollouts as one process (seeded) and finite losses."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["--recipe", "official", "--steps", "2", "--save_every", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, one, args)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+                          str(ROOT / "scope.py"), *cli(micro_models, two, args)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = read_metrics(two)
+    assert len(recs) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["train/grad_norm"]) for r in recs)
+    assert recs[0]["train/reward_mean"] == read_metrics(one)[0]["train/reward_mean"]
+    config = json.loads((two / "config.json").read_text())
+    assert (config["rank_split"], config["weights_logprobs"], config["loss_agg"]) == ("balanced", "trainer",
+                                                                                        "official-microbatch")
+
+
 def params_initial(micro_models):
     from safetensors.torch import load_file
     return load_file(os.path.join(micro_models[0], "model.safetensors"))
@@ -395,8 +416,9 @@ def test_micro_batches_respect_the_budget_and_a_requested_count():
 
 def test_every_collective_goes_through_the_device_helper():
     """Contract: in scope.py, the modules beside it and reproduce.py, every torch.distributed collective on data is
-    inside ranks.py's all_reduce (and barrier, which takes no tensor). This proves the routing; that the helper puts its
-    tensor on the loop's device is the next test. Neither proves NCCL itself runs: no GPU here."""
+    inside ranks.py's all_reduce (and barrier, which takes no tensor), or its all_gather_objects (CPU objects, the
+    released recipe's rank split). This proves the routing; that all_reduce puts its tensor on the loop's device is the
+    next test. Neither proves NCCL itself runs: no GPU here."""
     import ast
     collectives = {"all_reduce", "broadcast", "all_gather", "all_gather_object", "reduce_scatter", "gather",
                    "scatter", "reduce", "broadcast_object_list", "all_to_all", "send", "recv"}
@@ -409,7 +431,8 @@ def test_every_collective_goes_through_the_device_helper():
                 if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                         and node.func.attr in collectives and isinstance(node.func.value, ast.Name)
                         and node.func.value.id == "dist"):
-                    assert path.name == "ranks.py" and fn.name == "all_reduce", f"{path.name}:{node.lineno} {fn.name}"
+                    assert path.name == "ranks.py" and fn.name in ("all_reduce", "all_gather_objects"), \
+                        f"{path.name}:{node.lineno} {fn.name}"
 
 
 def test_all_reduce_helper_puts_the_tensor_on_the_loop_device(monkeypatch):

@@ -265,16 +265,37 @@ def test_evaluation_answer_is_bounded_on_hostile_text():
     for text in ("$" * 200_000, "answer is " * 50_000, "\\boxed{" * 100_000, "1," * 300_000, "\\(" * 100_000):
         t0 = time.monotonic()
         extract.verify(text, "1")
+        verifier.official_reward(text + "\\boxed{" + text + "}", "1")     # the released grader: string work only
         assert time.monotonic() - t0 < 2.0
 
 
-def test_official_grader_is_a_string_match_after_math_normalisation():
-    """--grader official (the released code's training grader): normalised strings must be identical."""
-    assert verifier.official_reward("so \\boxed{\\frac12}", "1/2") == 1.0
-    assert verifier.official_reward("so \\boxed{0.5}", "\\frac{1}{2}") == 1.0       # the one decimal rule it has
-    assert verifier.official_reward("so \\boxed{2/4}", "1/2") == 0.0                # no equivalence beyond strings
-    assert verifier.official_reward("so \\boxed{x = 5}", "5") == 1.0
-    assert verifier.official_reward("so \\boxed{10\\%}", "10") == 1.0
-    assert verifier.official_reward("The answer is 5", "5") == 0.0                  # boxed only
-    assert verifier.official_reward("so \\boxed{5}", "5", truncated=True) == 0.0
-    assert verifier.is_equiv("2/4", "1/2")                                           # the default grader: equivalence
+@pytest.mark.parametrize("response,gold,want", [
+    # the MATH string match after its normalisation
+    ("so \\boxed{\\frac12}", "1/2", 1.0), ("so \\boxed{0.5}", "\\frac{1}{2}", 1.0), ("so \\boxed{x = 5}", "5", 1.0),
+    ("so \\boxed{2/4}", "1/2", 0.0),                     # no equivalence beyond strings
+    ("The answer is 5", "5", 0.0),                        # boxed only
+    ("so \\boxed{10\\%}", "10", 1.0),                     # an escaped percent goes ...
+    # ... the four cases where the released grader decides otherwise than the default one (issue #33):
+    ("The answer is \\boxed{10%}.", "10", 0.0),           # a bare % stays: "10%" is not "10"
+    ("so \\boxed{10}", "10%", 0.0),
+    ("\\fbox{42}", "42", 0.0),                             # an \\fbox as the last box: not a \\boxed{}, an error, 0
+    ("The answer is \\boxed{\\fbox{42}}.", "42", 0.0),     # inside the box it stays in the string
+    ("\\framebox{100}", "100", 0.0),                       # no box at all
+    ("\\boxed{185\\}", "185\\", 1.0),                     # a trailing backslash: "\\}" closes the box there
+    ("\\boxed{}", "", 1.0),                                # an empty box against an empty gold
+    ("\\boxed 7$ and more", "7", 1.0),                     # "\\boxed " with a space: up to the next "$"
+    ("\\boxed{\\frac{1}{2}} but \\boxed{3", "3", 0.0),       # an unclosed last box: none
+])
+def test_the_official_grader_decides_as_the_released_one(response, gold, want):
+    """--grader official is the released code's training grader (verl/utils/reward_score/math.compute_score of
+    machine981/SCOPE @085fdc2), rule for rule: the cases above are decided as that code decides them (each worked out
+    from its rules; all 3,145 (response, gold) pairs built from tests/verifier_corpus.jsonl agreed with it when it was
+    run beside this one, 2026-12-07). The default grader stays as it is."""
+    assert verifier.official_reward(response, gold) == want
+
+
+def test_the_official_grader_has_no_truncation_rule():
+    """A cut-off response whose last box matches scores 1 under the released grader; 0 under the default one."""
+    assert verifier.official_reward("so \\boxed{5} and then", "5", truncated=True) == 1.0
+    assert verifier.reward("so \\boxed{5} and then", "5", truncated=True) == 0.0
+    assert verifier.reward("so \\boxed{10%}", "10") == 1.0 and verifier.is_equiv("2/4", "1/2")   # default unchanged
