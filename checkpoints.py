@@ -146,8 +146,27 @@ def resume(ckpt, student, opt, rt, out):
     if "numpy" in rng:
         np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32), *rng["numpy"][2:]))
     start = json.loads((ckpt / "state.json").read_text())["step"]
-    path = out / "metrics.jsonl"
-    if rt.rank == 0 and path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
-        path.write_text("".join(line + "\n" for line in kept))
+    if rt.rank == 0:
+        keep_metrics(out / "metrics.jsonl", start)
     return start
+
+
+def keep_metrics(path, last_step):
+    """metrics.jsonl without the lines after last_step (steps the checkpoint does not cover) or a line a kill cut
+    short, rewritten atomically: a temporary file, flushed to disk, then renamed over it. A kill at any moment leaves
+    the old file or the new one, never a truncated one."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):          # the last append, cut short by a kill
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

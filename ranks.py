@@ -12,6 +12,9 @@ import datetime
 import math
 import os
 import random
+import sys
+import threading
+import time
 import types
 
 import numpy as np
@@ -46,13 +49,49 @@ def setup(args):
     return types.SimpleNamespace(rank=rank, world=world, device=device, fsdp=launched, amp=amp, own_group=own_group)
 
 
+_WATCHED = []
+
+
+def stop_with_launcher(poll_s=0.5):
+    """torchrun starts each rank in a session of its own, so a launcher killed alone (kill -9) would leave its ranks
+    training to the end. A daemon thread checks every poll_s that this rank's parent is still the launcher; when it is
+    not, the rank says so and exits at once (code 1) from that thread, even while the main thread waits in a
+    collective. A rank whose peer stopped first fails in a collective before its own check: an error raised once the
+    launcher is gone gets the same message and exit, not the collective's traceback. Nothing is left behind: the
+    output directory's flock dies with the process. Once per process, after the process group exists (torch wraps
+    sys.excepthook when it makes the group)."""
+    if _WATCHED:
+        return
+    launcher, rank = os.getppid(), os.environ.get("RANK", "?")
+
+    def stop():
+        print(f"rank {rank}: its launcher (torchrun, pid {launcher}) is gone; this rank stops (exit 1); start the "
+              "run again with --resume to go on from the last checkpoint.", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        stop()
+
+    def on_error(*exc, previous=sys.excepthook):
+        if os.getppid() != launcher:                                # the error follows from the launcher's death
+            stop()
+        previous(*exc)
+    sys.excepthook = on_error
+    threading.Thread(target=watch, name="stop-with-launcher", daemon=True).start()
+    _WATCHED.append(launcher)
+
+
 def init_group(timeout_s=3600.0):
     """The torchrun process group: NCCL on GPUs, gloo on CPUs, with a timeout for every collective. The default 10
     minutes of NCCL's watchdog is shorter than the spread of rollout time between ranks at the paper's 12,288 tokens
-    (a rank that is still sampling would be taken for a dead one)."""
+    (a rank that is still sampling would be taken for a dead one). Under torchrun, each rank stops with it."""
     import torch.distributed as dist
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_s))
+    if "TORCHELASTIC_RUN_ID" in os.environ:                          # torchrun (elastic) started this process
+        stop_with_launcher()
 
 
 def all_reduce(values, device, op="sum"):

@@ -1,8 +1,8 @@
 """examples/: SCOPE inside other trainers. trl_scope.py (TRL's GRPO trainer; trl in CI from requirements-examples.txt):
 on a batch TRL produced, the example's loss and gradient equal those of scope.py's own loop functions (verify_rollouts,
 scope_weights, update_student) given the same rollouts and teacher log-probs; a few training steps change the weights.
-verl_scope.py: the advantages and the policy loss it registers in verl give scope_loss's loss and gradient (verl itself
-does not install beside this project's transformers pin, so it is not imported here)."""
+verl_scope.py: the advantages and the policy loss it registers in verl give scope_loss's loss and gradient, here without
+verl (verl 0.9.1's own code runs in tests/test_verl.py)."""
 
 import json
 import math

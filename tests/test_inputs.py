@@ -112,6 +112,27 @@ def test_a_checkpoint_that_would_run_code_is_refused(micro_models, tmp_path):
     assert set(rng) == {"torch", "python", "numpy"}
 
 
+@pytest.mark.parametrize("fails_at", [None, "fsync", "replace"])
+def test_resume_rewrites_the_metrics_atomically(tmp_path, monkeypatch, fails_at):
+    """resume keeps the metric lines up to the checkpoint's step (and drops a last line a kill cut short); a kill while
+    it rewrites them (here: the write to disk or the rename fails) leaves the file exactly as it was, never truncated,
+    and a rewrite that completes leaves no temporary file behind."""
+    path = tmp_path / "metrics.jsonl"
+    before = "".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo'
+    path.write_text(before)
+    if fails_at:
+        def killed(*a):
+            raise KeyboardInterrupt("killed")
+        monkeypatch.setattr(checkpoints.os, fails_at, killed)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.keep_metrics(path, 3)
+        assert path.read_text() == before
+    else:
+        checkpoints.keep_metrics(path, 3)
+        assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
 def test_a_tokenizer_without_a_chat_template_is_named(micro_models, tmp_path):
     student, _ = micro_models
     tok = loading.load_tokenizer(student, "student")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,6 +219,70 @@ def test_the_released_recipe_under_torchrun(micro_models, tmp_path):
 def params_initial(micro_models):
     from safetensors.torch import load_file
     return load_file(os.path.join(micro_models[0], "model.safetensors"))
+
+
+def children_of(pid):
+    """The pids whose parent is pid (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid):
+    """pid runs: a zombie no one reaped counts as gone once its last thread has exited (until then it holds its
+    files, and their locks)."""
+    try:
+        zombie = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return not zombie or len(list((Path("/proc") / str(pid) / "task").iterdir())) > 1
+    except OSError:
+        return False
+
+
+def test_ranks_stop_when_their_launcher_is_killed(micro_models, tmp_path):
+    """kill -9 of torchrun alone (torch elastic starts its ranks in sessions of their own, so they are not killed with
+    it): both ranks notice within a step, say which launcher went, exit, and the output directory's lock is free."""
+    import fcntl
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out, err = tmp_path / "run", tmp_path / "stderr.txt"
+    with err.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                 "--master_port=29531", str(ROOT / "scope.py"),
+                                 *cli(micro_models, out, ["--steps", "1000", "--save_every", "0"])],
+                                env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.time() + 240
+        while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 2:   # training, a step at a time
+            assert proc.poll() is None and time.time() < deadline, err.read_text()[-3000:]
+            time.sleep(0.1)
+        rank_pids = children_of(proc.pid)
+        assert len(rank_pids) == 2, rank_pids
+        steps, t0 = len(read_metrics(out)), time.time()
+        step_s = (t0 - out.stat().st_ctime) / steps                 # an upper bound on one step's time
+    finally:
+        proc.kill()                                                 # SIGKILL, the launcher only
+        proc.wait()
+    while any(alive(p) for p in rank_pids) and time.time() < t0 + 60:
+        time.sleep(0.05)
+    gone_after = time.time() - t0
+    for p in filter(alive, rank_pids):                              # a failed run leaves nothing running
+        os.kill(p, signal.SIGKILL)
+    assert not any(alive(p) for p in rank_pids), "the ranks outlived their launcher by a minute"
+    assert len(read_metrics(out)) <= steps + 1, "the ranks went on training"   # within a step
+    assert gone_after < max(5.0, step_s + 2), (gone_after, step_s)
+    messages = err.read_text()
+    for rank in (0, 1):
+        assert f"rank {rank}: its launcher (torchrun, pid {proc.pid}) is gone" in messages, messages[-3000:]
+    fd = os.open(out, os.O_RDONLY)                                  # the lock is free: a new run could start
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
 
 
 def test_fsdp2_sigkill_and_resume_with_sharded_optimizer_state_is_exact(micro_models, tmp_path):
