@@ -647,17 +647,100 @@ def study_comparisons(builds, bench_names):
     return table
 
 
-def study_variances(builds, bench_names):
-    """analysis.variance_components of SCOPE - OPD over the builds of one regime (the seeds both runs have)."""
-    import analysis
-    mats = []
-    for d in builds.values():
+def scope_opd_mats(builds, bench_names):
+    """{build: (keys, (seeds, problems) SCOPE - OPD differences)} over the seeds both runs have."""
+    mats = {}
+    for b, d in builds.items():
         res = load_results(d)
         seeds = sorted(set(res.get("scope", {})) & set(res.get("opd", {})))
         m = diffs(d, "scope", "opd", seeds, bench_names, next(iter(res["scope"].values()))["config"]["n"]) \
             if seeds else None
-        mats += [m] if m is not None else []
-    return analysis.variance_components(mats, bench_names)
+        if m is not None:
+            mats[b] = m
+    return mats
+
+
+def study_variances(builds, bench_names):
+    """analysis.variance_components of SCOPE - OPD over the builds of one regime (the seeds both runs have)."""
+    import analysis
+    return analysis.variance_components(list(scope_opd_mats(builds, bench_names).values()), bench_names)
+
+
+def strength_of(d):
+    """The calibrated design's record of a build's teacher and student (tiny_testbed.Calibrated), or None."""
+    path = d / "strength.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def mean_avg(d, run):
+    """A run's macro Avg@n on the test split in points, the mean over its seeds (None when it has none)."""
+    res = load_results(d)
+    if run not in res:
+        return None
+    vals = metric_values(res, run, "average", f"avg@{next(iter(res[run].values()))['config']['n']}")
+    return 100 * sum(vals) / len(vals)
+
+
+def components(within, between, n):
+    return (f"Variance components of SCOPE - OPD over these {n} builds (points^2, method of moments): seeds within a "
+            f"build {within:.1f}, builds {between:+.1f}"
+            + (" (below 0: the builds differ less than their seeds predict)." if between <= 0 else "."))
+
+
+def pooled_answer(builds, bench_names):
+    """SCOPE - OPD pooled over builds with both intervals, a t-interval over the builds and the same with its standard
+    error floored at what the seeds alone put in (analysis.study_interval(floor=True)); the verdict is read on the
+    wider; then the variance components."""
+    import analysis
+    mats = list(scope_opd_mats(builds, bench_names).values())
+    t_iv = analysis.study_interval(mats, bench_names)
+    floored = analysis.study_interval(mats, bench_names, floor=True)
+    wider = floored if floored[2] - floored[1] > t_iv[2] - t_iv[1] else t_iv
+    return (paper_gap_answer(wider) + f" Both intervals: a t-interval over the builds [{t_iv[1]:+.1f}, {t_iv[2]:+.1f}] "
+            f"(standard error {t_iv[3]:.2f}); with its standard error floored at what the seeds alone put in "
+            f"[{floored[1]:+.1f}, {floored[2]:+.1f}] ({floored[3]:.2f}); the verdict is read on the wider. "
+            + components(*study_variances(builds, bench_names)))
+
+
+def calibrated_answer(builds, excluded, bench_names):
+    """The calibrated design's answer: SCOPE - OPD pooled over the builds whose teacher reached the target, both
+    intervals (t over builds; the standard error floored at what the seeds put in) with the verdict on the wider, each
+    build's pair beside its own difference, and whether SCOPE - OPD grows with the teacher's margin over the student."""
+    import analysis
+    mats = scope_opd_mats(builds, bench_names)
+    if len(mats) < 2:
+        return []
+    seeds = sorted({m[1].shape[0] for m in mats.values()})
+    lines = [f"**The calibrated design** ({len(mats)} builds whose teacher reached the target, "
+             f"{'/'.join(map(str, seeds))} training seeds each; RL prompts from the half of the problem space no SFT "
+             "problem comes from): " + pooled_answer(builds, bench_names), ""]
+    xs, ys = [], []
+    for b, m in mats.items():
+        d, st = builds[b], strength_of(builds[b]) or {}
+        teacher, base = mean_avg(d, "teacher"), mean_avg(d, "base")
+        own = analysis.study_interval([m], bench_names)
+        stages = ", ".join(f"{100 * s['macro']:.1f}" for s in st.get("teacher", []))
+        lines.append(f"- build {b}: teacher {teacher:.1f}, untrained student {base:.1f} (Avg on the test split; the "
+                     f"teacher's validation macro Avg@4 by stage: {stages or '-'}); SCOPE - OPD {own[0]:+.1f} "
+                     f"[{own[1]:+.1f}, {own[2]:+.1f}] ({separated(own)})")
+        if teacher is not None and base is not None:
+            xs.append(teacher - base)
+            ys.append(own[0])
+    for b, d in excluded.items():
+        st = strength_of(d) or {}
+        best = max((s["macro"] for s in st.get("teacher", [])), default=None)
+        lines.append(f"- build {b}: its teacher did not reach the target "
+                     + (f"({100 * best:.1f} at best on validation, target {100 * st['target']:.0f})"
+                        if best is not None else "(no strength.json)") + "; left out of the pooled answer")
+    slope = analysis.slope_interval(xs, ys)
+    if slope[0] == slope[0]:                                             # not nan: 3 builds or more, margins differ
+        lines += ["", f"Does SCOPE gain more over OPD where the teacher leads the untrained student by more? The "
+                  f"slope of SCOPE - OPD on that margin over {len(xs)} builds (margins {min(xs):.1f} to "
+                  f"{max(xs):.1f} points) is {slope[0]:+.3f} [{slope[1]:+.3f}, {slope[2]:+.3f}] points per point "
+                  f"(least squares, t-interval on {len(xs) - 2} degrees of freedom): "
+                  + ("it rises with the margin." if slope[1] > 0 else "it falls as the margin grows." if slope[2] < 0
+                     else "no relation resolved.")]
+    return lines + [""]
 
 
 PAPER_GAP = 2.9   # SCOPE - OPD in the paper's Table 1, average Avg@32 (55.2 - 52.3)
@@ -705,17 +788,23 @@ def study_report(out, bench_names, md_dir):
     weights, how they relate across builds, and what the gradient does. (lines of the report, answers first)"""
     import analysis
     regimes = study_dirs(out)
+    excluded = {}                                                        # calibrated builds short of the target
+    if "calibrated" in regimes:
+        excluded = {b: d for b, d in regimes["calibrated"].items() if not (strength_of(d) or {}).get("reached")}
+        regimes["calibrated"] = {b: d for b, d in regimes["calibrated"].items() if b not in excluded}
+        if not regimes["calibrated"]:
+            del regimes["calibrated"]
     if not regimes:
         return []
     comps = {reg: study_comparisons(builds, bench_names) for reg, builds in regimes.items()}
     recs = {reg: {b: recovery_of(d) for b, d in builds.items()} for reg, builds in regimes.items()}
     lines = ["## What this testbed says (answers from the files below)", ""]
-    pooled = comps.get("default", {}).get("SCOPE - OPD", {}).get("pooled")
-    if pooled:
-        within, between, n = study_variances(regimes["default"], bench_names)
-        lines += [paper_gap_answer(pooled) + f" Variance components of SCOPE - OPD over these {n} builds (points^2, "
-                  f"method of moments): seeds within a build {within:.1f}, builds {between:+.1f}"
-                  + (" (below 0: the builds differ no more than their seeds predict)." if between <= 0 else "."), ""]
+    if "calibrated" in regimes:
+        lines += calibrated_answer(regimes["calibrated"], excluded, bench_names)
+    if comps.get("default", {}).get("SCOPE - OPD", {}).get("pooled"):
+        lines += ["**The earlier design** (the `default` regime: every build's RL prompts drawn from its own SFT "
+                  "problems' space, one seed stream for all builds): " + pooled_answer(regimes["default"], bench_names),
+                  ""]
     for reg, builds in regimes.items():
         lines.append(f"- **Regime `{reg}`** ({len(builds)} build{'s' if len(builds) > 1 else ''}"
                      + (", where the premise holds by construction: its teacher saw 2% of the add5 problems, so it is "
@@ -732,7 +821,8 @@ def study_report(out, bench_names, md_dir):
             pooled = row.get("pooled")
             signs = {separated(row[b]) for b in row if b != "pooled"}
             lines.append(f"  - {label} (macro Avg, points): " + "; ".join(per)
-                         + (f"; pooled {pooled[0]:+.1f} [{pooled[1]:+.1f}, {pooled[2]:+.1f}] ({separated(pooled)})"
+                         + (f"; pooled (t over builds) {pooled[0]:+.1f} [{pooled[1]:+.1f}, {pooled[2]:+.1f}] "
+                            f"({separated(pooled)})"
                             if pooled else "")
                          + (". The builds agree." if len(signs) == 1 and len(per) > 1 else
                             ". **The verdict depends on the build.**" if len(per) > 1 else "."))
@@ -744,9 +834,12 @@ def study_report(out, bench_names, md_dir):
               "and evaluation seeds). Intervals are 95% t-intervals over the top level of the design: per build, over "
               "its training seeds (each seed's macro average over the whole test split); pooled, over the builds (each "
               "build's mean over its seeds), on units - 1 degrees of freedom (analysis.study_interval; its coverage on "
-              "planted data is tested and recorded in docs/reproducing.md). The smallest detectable difference is "
-              "(t_0.975 + t_0.80) standard errors on the same degrees of freedom (80% power, two-sided 5%): 5.4 SE "
-              "with 3 units, 3.3 with 8. With 3 seeds a build's own interval is wide; the pooled row is the answer.",
+              "planted data is tested and recorded in docs/reproducing.md). The answers above also give the pooled "
+              "interval with its standard error floored at what the seeds alone put into the mean of the build means "
+              "(the build means' spread can come out smaller by chance) and read the verdict on the wider. The "
+              "smallest detectable difference is (t_0.975 + t_0.80) standard errors on the same degrees of freedom "
+              "(80% power, two-sided 5%): 5.4 SE with 3 units, 3.3 with 8. With 3 seeds a build's own interval is "
+              "wide; the pooled answer is the answer.",
               ""]
     for reg, builds in regimes.items():
         lines += [f"### Regime `{reg}`", ""]
@@ -776,7 +869,7 @@ def study_report(out, bench_names, md_dir):
                   "perplexity over all incorrect rollouts (pooled) and within each level (the level moves both length "
                   "and perplexity); intervals resample problems with all their rollouts and cuts:", "",
                   "| build | quartiles | " + " | ".join(f"cut at {c}" for c in analysis.CUTS) + " |",
-                  "|---" * (2 + len(analysis.CUTS)) + "|"]
+                  "|---" * (2 + len(analysis.CUTS)) + "|"] if any(recs[reg].values()) else []
         for b, r in recs[reg].items():
             for where, name in (("pooled", "pooled"), ("within_level", "within level")):
                 if r:
@@ -785,8 +878,8 @@ def study_report(out, bench_names, md_dir):
                                                                 for c in analysis.CUTS) + " |")
         lines += ["", "**Does SCOPE beat OPD, and do the two weights help?** (macro Avg, points; training seeds in "
                   "parentheses)", "",
-                  "| comparison | " + " | ".join(f"build {b}" for b in builds) + " | pooled | smallest detectable "
-                  "(pooled) |", "|---" * (len(builds) + 3) + "|"]
+                  "| comparison | " + " | ".join(f"build {b}" for b in builds) + " | pooled (t over builds) | smallest "
+                  "detectable (pooled) |", "|---" * (len(builds) + 3) + "|"]
         for label, row in comps[reg].items():
             cells = [f"{row[b][0]:+.1f} [{row[b][1]:+.1f}, {row[b][2]:+.1f}] ({row[b][6]})" if b in row else "-"
                      for b in builds]

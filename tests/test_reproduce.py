@@ -116,12 +116,30 @@ def test_study_over_builds_recovery_and_report_at_smoke_size(micro_models, tmp_p
         assert (study / f"build{b}" / "RESULTS.md").exists()                  # each build a complete directory
         recs = [json.loads(line) for line in (study / f"build{b}" / "runs" / "scope-s0" / "metrics.jsonl").open()]
         assert all(r["train/grad_norm_mle"] > 0 and "train/grad_clipped" in r for r in recs)
+    import shutil                                                              # the calibrated design's report:
+    cal = tmp_path / "results" / "study" / "calibrated"                        # 3 builds reach the target, 1 not
+    for b, src, reached, shift in ((0, 0, True, 0.0), (1, 1, True, 0.05), (2, 0, True, 0.1), (3, 1, False, 0.0)):
+        shutil.copytree(study / f"build{src}", cal / f"build{b}", ignore=shutil.ignore_patterns("analysis"))
+        stages = [{"steps": 190 * (i + 2), "macro": 0.8 + 0.04 * i} for i in range(3 if not reached else 2)]
+        (cal / f"build{b}" / "strength.json").write_text(json.dumps({"target": 0.9, "teacher": stages,
+                                                                    "reached": reached}))
+        for path in (cal / f"build{b}" / "runs").glob("teacher-s*/eval/results.json"):   # margins that differ
+            r = json.loads(path.read_text())
+            r["macro_average"] = {k: v + shift if k.startswith("avg@") else v for k, v in r["macro_average"].items()}
+            path.write_text(json.dumps(r))
     (tmp_path / "results" / "runs" / "base-s0" / "eval").mkdir(parents=True)                # a main table beside it
     (tmp_path / "results" / "runs" / "base-s0" / "eval" / "results.json").write_text(
         (study / "build0" / "runs" / "base-s0" / "eval" / "results.json").read_text())
     reproduce.main(["--out", str(tmp_path / "results"), "--results-md", str(tmp_path / "R.md"), "--report-only"])
     md = (tmp_path / "R.md").read_text()
     assert md.index("## What this testbed says") < md.index("## Main table")   # the answers first
+    answer = md[md.index("**The calibrated design** (3 builds whose teacher reached the target, 2 training seeds"):]
+    assert answer.index("Both intervals: a t-interval over the builds") < answer.index("**The earlier design**")
+    assert "floored at what the seeds alone put in" in answer and "the verdict is read on the wider" in answer
+    assert "- build 3: its teacher did not reach the target (88.0 at best on validation, target 90)" in answer
+    assert "validation macro Avg@4 by stage: 80.0, 84.0)" in answer                  # strength.json beside its build
+    assert "The slope of SCOPE - OPD on that margin over 3 builds" in answer
+    assert "### Regime `calibrated`" in md
     assert "### Regime `default`" in md and "| 0 | pooled |" in md and "| 1 | within level |" in md
     assert "| SCOPE - OPD | " in md and "| teacher weight uniform - SCOPE |" in md and "issue #" not in md
     assert "Spearman rank correlation over these 2 pairs" in md and "| 0 | scope | 4 |" in md

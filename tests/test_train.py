@@ -175,16 +175,21 @@ def test_scope_raises_training_reward(micro_models, tmp_path):
 
 
 # ---------------------------------------------------------------------------- torchrun equivalence
-def test_torchrun_two_ranks_equals_one_process(micro_models, tmp_path):
+def one_and_two_ranks(micro_models, tmp_path, args, port):
+    """The same run in one process and under torchrun with 2 ranks. -> (its out dir, the 2-rank out dir)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ["--steps", "2", "--save_every", "0"]
     subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, one, args)], check=True, env=env,
                    capture_output=True, timeout=300)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           str(ROOT / "scope.py"), *cli(micro_models, two, args)], env=env, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    return one, two
+
+
+def test_torchrun_two_ranks_equals_one_process(micro_models, tmp_path):
+    one, two = one_and_two_ranks(micro_models, tmp_path, ["--steps", "2", "--save_every", "0"], 29517)
     a, b = params(one), params(two)
     for r1, r2 in zip(read_metrics(one), read_metrics(two)):          # logged losses are global sums too
         assert math.isclose(r1["loss"], r2["loss"], rel_tol=1e-5, abs_tol=1e-6)
@@ -199,15 +204,8 @@ def test_the_released_recipe_under_torchrun(micro_models, tmp_path):
     """--recipe official on 2 ranks (gloo, FSDP2): the weights from the trainer's recomputed log-probs (a no-grad
     forward of the sharded student, as many on every rank), the rank split balanced by tokens (rows move between the
     ranks), verl's micro-batches: 2 steps train, with the same rollouts as one process (seeded) and finite losses."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = ["--recipe", "official", "--steps", "2", "--save_every", "0"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, str(ROOT / "scope.py"), *cli(micro_models, one, args)], check=True, env=env,
-                   capture_output=True, timeout=300)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
-                          str(ROOT / "scope.py"), *cli(micro_models, two, args)], env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = one_and_two_ranks(micro_models, tmp_path,
+                                 ["--recipe", "official", "--steps", "2", "--save_every", "0"], 29523)
     recs = read_metrics(two)
     assert len(recs) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["train/grad_norm"]) for r in recs)
     assert recs[0]["train/reward_mean"] == read_metrics(one)[0]["train/reward_mean"]
