@@ -1,5 +1,6 @@
 """bench/gpu_check.py in --dry-run mode: the same code path as on a GPU, at tiny shapes on the CPU (gloo). This checks
-the script's bookkeeping and that every phase it calls exists and runs; it says nothing about GPU speed or memory."""
+the script's bookkeeping and that every phase it calls exists and runs; it says nothing about GPU speed or memory.
+bench/vllm_api_check.py against the installed vLLM; bench/same_runs.py on run directories made here."""
 
 import json
 import math
@@ -100,3 +101,40 @@ def test_vllm_api_check_passes_on_the_installed_build():
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "vllm_api_check.py"), "--installed"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "all names found" in res.stdout, res.stdout[-2000:]
+
+
+def test_same_runs_tells_the_same_run_from_another(tmp_path):
+    """bench/same_runs.py: two copies of one run are the same run whatever their clocks say; a changed metric, a changed
+    evaluation or one changed weight is a difference (exit 1, named)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    a = tmp_path / "a"
+    (a / "eval").mkdir(parents=True)
+    (a / "checkpoint").mkdir()
+    steps = [{"step": s, "loss": s / 3, "time/update": 0.1 * s, "perf/tokens_per_s": 99.0} for s in (1, 2)]
+    (a / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    (a / "eval" / "results.json").write_text(json.dumps({"macro_average": {"avg@8": 0.5}, "benchmarks": {}}))
+    save_file({"w": torch.arange(4.0)}, str(a / "checkpoint" / "model.safetensors"))
+
+    def same(b):
+        res = subprocess.run([sys.executable, str(ROOT / "bench" / "same_runs.py"), str(a), str(b)],
+                             capture_output=True, text=True, timeout=120)
+        return res.returncode, res.stdout
+
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    (b / "metrics.jsonl").write_text("".join(json.dumps({**r, "time/update": 7.0}) + "\n" for r in steps))
+    assert same(b) == (0, f"{a} vs {b}: the same run (metrics but the clock, evaluation, weights)\n")
+    (b / "metrics.jsonl").write_text("".join(json.dumps({**r, "loss": r["loss"] + (r["step"] == 2)}) + "\n"
+                                             for r in steps))
+    code, out = same(b)
+    assert code == 1 and "step 2: loss" in out and "step 1" not in out
+    shutil.rmtree(b)
+    shutil.copytree(a, b)
+    save_file({"w": torch.tensor([0.0, 1.0, 2.0, 3.0 + 1e-6])}, str(b / "checkpoint" / "model.safetensors"))
+    (b / "eval" / "results.json").write_text(json.dumps({"macro_average": {"avg@8": 0.25}, "benchmarks": {}}))
+    code, out = same(b)
+    assert code == 1 and "the weights differ" in out and "the evaluations differ" in out
