@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,8 +117,8 @@ def test_study_over_builds_recovery_and_report_at_smoke_size(micro_models, tmp_p
         assert (study / f"build{b}" / "RESULTS.md").exists()                  # each build a complete directory
         recs = [json.loads(line) for line in (study / f"build{b}" / "runs" / "scope-s0" / "metrics.jsonl").open()]
         assert all(r["train/grad_norm_mle"] > 0 and "train/grad_clipped" in r for r in recs)
-    import shutil                                                              # the calibrated design's report:
-    cal = tmp_path / "results" / "study" / "calibrated"                        # 3 builds reach the target, 1 not
+    # the calibrated design's report: 3 builds reach the target, 1 does not
+    cal = tmp_path / "results" / "study" / "calibrated"
     for b, src, reached, shift in ((0, 0, True, 0.0), (1, 1, True, 0.05), (2, 0, True, 0.1), (3, 1, False, 0.0)):
         shutil.copytree(study / f"build{src}", cal / f"build{b}", ignore=shutil.ignore_patterns("analysis"))
         stages = [{"steps": 190 * (i + 2), "macro": 0.8 + 0.04 * i} for i in range(3 if not reached else 2)]
