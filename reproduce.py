@@ -805,6 +805,7 @@ def study_report(out, bench_names, md_dir):
         lines += ["**The earlier design** (the `default` regime: every build's RL prompts drawn from its own SFT "
                   "problems' space, one seed stream for all builds): " + pooled_answer(regimes["default"], bench_names),
                   ""]
+    lines += ["Every regime, comparison by comparison (the tables below give each build's runs):", ""]
     for reg, builds in regimes.items():
         lines.append(f"- **Regime `{reg}`** ({len(builds)} build{'s' if len(builds) > 1 else ''}"
                      + (", where the premise holds by construction: its teacher saw 2% of the add5 problems, so it is "
