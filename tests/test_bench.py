@@ -138,3 +138,9 @@ def test_same_runs_tells_the_same_run_from_another(tmp_path):
     (b / "eval" / "results.json").write_text(json.dumps({"macro_average": {"avg@8": 0.25}, "benchmarks": {}}))
     code, out = same(b)
     assert code == 1 and "the weights differ" in out and "the evaluations differ" in out
+    shutil.rmtree(b)                                    # against a run without weights (the committed results/):
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("checkpoint"))
+    assert same(b) == (0, f"{a} vs {b}: the same run (metrics but the clock, evaluation; weights not compared: one "
+                          "side has no checkpoint/model.safetensors)\n")
+    (b / "eval" / "results.json").write_text(json.dumps({"macro_average": {"avg@8": 0.25}, "benchmarks": {}}))
+    assert same(b)[0] == 1
