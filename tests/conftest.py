@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,9 +28,23 @@ import tiny_testbed  # noqa: E402
 MICRO_TEACHER = tiny_testbed.TinyModel(hidden=64, layers=2, heads=2, sft_steps=600, sft_lr=3e-3, cosine=True)
 MICRO_STUDENT = tiny_testbed.TinyModel(hidden=64, layers=2, heads=2, sft_steps=330, sft_lr=3e-3)
 
+# Their build (1.2 MB, made here by this recipe with 1 thread) ships in tests/micro/ so that CI does not spend a minute
+# of every run rebuilding them; it is copied into the test cache, never used in place (no test can write into the
+# repository). Changing MICRO_* changes the cache key and the fixture builds the new models as before; the build
+# itself stays tested (tests/test_testbed.py). A build on another CPU would give other weights: these are fixed.
+MICRO_SHIPPED = ROOT / "tests" / "micro"
+
+
 @pytest.fixture(scope="session")
 def micro_models(tmp_path_factory):
-    cache = os.environ.get("SCOPE_TEST_CACHE") or tmp_path_factory.mktemp("cache")
+    cache = Path(os.environ.get("SCOPE_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+    for shipped in MICRO_SHIPPED.glob("tiny-*"):
+        if not (cache / shipped.name / "DONE").exists():            # copied whole, then renamed: never half there
+            part = cache / (shipped.name + ".copying")
+            shutil.rmtree(part, ignore_errors=True)
+            shutil.copytree(shipped, part)
+            shutil.rmtree(cache / shipped.name, ignore_errors=True)
+            part.rename(cache / shipped.name)
     student, teacher = tiny_testbed.build_tiny_models(cache, MICRO_TEACHER, MICRO_STUDENT, seed=0, log=lambda *a: None)
     return str(student), str(teacher)
 

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import loading
 import scope
@@ -128,6 +129,20 @@ def test_the_default_build_ships_with_the_repository(tmp_path, monkeypatch):
     assert f"sha256:{sha[:16]}" in (ROOT / "RESULTS.md").read_text()
     with pytest.raises(pytest.fail.Exception, match="was built"):
         tiny_testbed.build_tiny_models(tmp_path / "empty-cache", seed=1)
+
+
+def test_the_suites_micro_models_are_the_shipped_build(micro_models):
+    """tests/micro/ holds the build the micro_models fixture asks for (its cache key), so the suite copies it instead of
+    spending a minute building: a change to MICRO_TEACHER or MICRO_STUDENT without a new tests/micro/ build fails here
+    (the suite would still pass, a minute slower). Refresh: delete tests/micro/tiny-*, run this test with
+    SCOPE_TEST_CACHE=DIR (it builds them, then fails), copy DIR/tiny-<key>/ (student/, teacher/, DONE) into
+    tests/micro/."""
+    from conftest import MICRO_SHIPPED
+    student, teacher = (Path(p) for p in micro_models)
+    shipped = MICRO_SHIPPED / student.parent.name
+    assert (shipped / "DONE").exists(), f"tests/micro/ has no {student.parent.name}: the micro models changed"
+    for role, built in (("student", student), ("teacher", teacher)):
+        assert (shipped / role / "model.safetensors").read_bytes() == (built / "model.safetensors").read_bytes()
 
 
 def test_a_fresh_clone_trains_its_first_step_within_a_minute(tmp_path):
