@@ -853,10 +853,12 @@ def study_report(out, bench_names, md_dir):
             if r:
                 lines.append(f"- build {b}: `{r.get('command', '')}` ({r.get('date', '')}, "
                              f"{fmt_time(r.get('wall_s', 0))}, code {r.get('commit', '')})")
+        recovered = any(recs[reg].values())                   # the recovery columns only where the analysis ran
         lines += ["", "**The pairs** (Avg@n on the test split; the untrained student and the teacher, each "
                   "evaluated as the runs are):", "",
-                  "| build | teacher | student (untrained) | student accuracy on the recovery sample | incorrect "
-                  "rollouts analysed |", "|---|---|---|---|---|"]
+                  "| build | teacher | student (untrained) |" + (" student accuracy on the recovery sample | incorrect "
+                                                                   "rollouts analysed |" if recovered else ""),
+                  "|---|---|---|" + ("---|---|" if recovered else "")]
         for b, d in builds.items():
             res, r = load_results(d), recs[reg][b]
 
@@ -864,8 +866,9 @@ def study_report(out, bench_names, md_dir):
                 vals = metric_values(res, run, "average", f"avg@{next(iter(res[run].values()))['config']['n']}") \
                     if run in res else []
                 return f"{100 * sum(vals) / len(vals):.1f}" if vals else "-"
-            lines.append(f"| {b} | {avg('teacher')} | {avg('base')} | "
-                         + (f"{100 * r['student_accuracy']:.1f}% | {r['incorrect_scored']} |" if r else "- | - |"))
+            lines.append(f"| {b} | {avg('teacher')} | {avg('base')} |" + (
+                "" if not recovered else f" {100 * r['student_accuracy']:.1f}% | {r['incorrect_scored']} |" if r
+                else " - | - |"))
         lines += ["", "**Does the premise hold at each cut?** Q1 - Q4 recovery (points) per cut; quartiles of teacher "
                   "perplexity over all incorrect rollouts (pooled) and within each level (the level moves both length "
                   "and perplexity); intervals resample problems with all their rollouts and cuts:", "",
