@@ -660,12 +660,6 @@ def scope_opd_mats(builds, bench_names):
     return mats
 
 
-def study_variances(builds, bench_names):
-    """analysis.variance_components of SCOPE - OPD over the builds of one regime (the seeds both runs have)."""
-    import analysis
-    return analysis.variance_components(list(scope_opd_mats(builds, bench_names).values()), bench_names)
-
-
 def strength_of(d):
     """The calibrated design's record of a build's teacher and student (tiny_testbed.Calibrated), or None."""
     path = d / "strength.json"
@@ -681,25 +675,29 @@ def mean_avg(d, run):
     return 100 * sum(vals) / len(vals)
 
 
+def points(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
 def components(within, between, n):
+    """analysis.variance_components' numbers, as a sentence."""
     return (f"Variance components of SCOPE - OPD over these {n} builds (points^2, method of moments): seeds within a "
             f"build {within:.1f}, builds {between:+.1f}"
             + (" (below 0: the builds differ less than their seeds predict)." if between <= 0 else "."))
 
 
-def pooled_answer(builds, bench_names):
-    """SCOPE - OPD pooled over builds with both intervals, a t-interval over the builds and the same with its standard
-    error floored at what the seeds alone put in (analysis.study_interval(floor=True)); the verdict is read on the
-    wider; then the variance components."""
+def pooled_answer(mats, bench_names):
+    """SCOPE - OPD pooled over builds (scope_opd_mats' values) with both intervals, a t-interval over the builds and
+    the same with its standard error floored at what the seeds alone put in (analysis.study_interval(floor=True)); the
+    verdict is read on the wider; then the variance components."""
     import analysis
-    mats = list(scope_opd_mats(builds, bench_names).values())
     t_iv = analysis.study_interval(mats, bench_names)
     floored = analysis.study_interval(mats, bench_names, floor=True)
     wider = floored if floored[2] - floored[1] > t_iv[2] - t_iv[1] else t_iv
     return (paper_gap_answer(wider) + f" Both intervals: a t-interval over the builds [{t_iv[1]:+.1f}, {t_iv[2]:+.1f}] "
             f"(standard error {t_iv[3]:.2f}); with its standard error floored at what the seeds alone put in "
             f"[{floored[1]:+.1f}, {floored[2]:+.1f}] ({floored[3]:.2f}); the verdict is read on the wider. "
-            + components(*study_variances(builds, bench_names)))
+            + components(*analysis.variance_components(mats, bench_names)))
 
 
 def calibrated_answer(builds, excluded, bench_names):
@@ -713,16 +711,16 @@ def calibrated_answer(builds, excluded, bench_names):
     seeds = sorted({m[1].shape[0] for m in mats.values()})
     lines = [f"**The calibrated design** ({len(mats)} builds whose teacher reached the target, "
              f"{'/'.join(map(str, seeds))} training seeds each; RL prompts from the half of the problem space no SFT "
-             "problem comes from): " + pooled_answer(builds, bench_names), ""]
+             "problem comes from): " + pooled_answer(list(mats.values()), bench_names), ""]
     xs, ys = [], []
     for b, m in mats.items():
         d, st = builds[b], strength_of(builds[b]) or {}
         teacher, base = mean_avg(d, "teacher"), mean_avg(d, "base")
         own = analysis.study_interval([m], bench_names)
         stages = ", ".join(f"{100 * s['macro']:.1f}" for s in st.get("teacher", []))
-        lines.append(f"- build {b}: teacher {teacher:.1f}, untrained student {base:.1f} (Avg on the test split; the "
-                     f"teacher's validation macro Avg@4 by stage: {stages or '-'}); SCOPE - OPD {own[0]:+.1f} "
-                     f"[{own[1]:+.1f}, {own[2]:+.1f}] ({separated(own)})")
+        lines.append(f"- build {b}: teacher {points(teacher)}, untrained student {points(base)} (Avg on the test "
+                     f"split; the teacher's validation macro Avg@4 by stage: {stages or '-'}); SCOPE - OPD "
+                     f"{own[0]:+.1f} [{own[1]:+.1f}, {own[2]:+.1f}] ({separated(own)})")
         if teacher is not None and base is not None:
             xs.append(teacher - base)
             ys.append(own[0])
@@ -803,7 +801,8 @@ def study_report(out, bench_names, md_dir):
         lines += calibrated_answer(regimes["calibrated"], excluded, bench_names)
     if comps.get("default", {}).get("SCOPE - OPD", {}).get("pooled"):
         lines += ["**The earlier design** (the `default` regime: every build's RL prompts drawn from its own SFT "
-                  "problems' space, one seed stream for all builds): " + pooled_answer(regimes["default"], bench_names),
+                  "problems' space, one seed stream for all builds): "
+                  + pooled_answer(list(scope_opd_mats(regimes["default"], bench_names).values()), bench_names),
                   ""]
     lines += ["Every regime, comparison by comparison (the tables below give each build's runs):", ""]
     for reg, builds in regimes.items():
@@ -860,20 +859,15 @@ def study_report(out, bench_names, md_dir):
                                                                    "rollouts analysed |" if recovered else ""),
                   "|---|---|---|" + ("---|---|" if recovered else "")]
         for b, d in builds.items():
-            res, r = load_results(d), recs[reg][b]
-
-            def avg(run):
-                vals = metric_values(res, run, "average", f"avg@{next(iter(res[run].values()))['config']['n']}") \
-                    if run in res else []
-                return f"{100 * sum(vals) / len(vals):.1f}" if vals else "-"
-            lines.append(f"| {b} | {avg('teacher')} | {avg('base')} |" + (
+            r = recs[reg][b]
+            lines.append(f"| {b} | {points(mean_avg(d, 'teacher'))} | {points(mean_avg(d, 'base'))} |" + (
                 "" if not recovered else f" {100 * r['student_accuracy']:.1f}% | {r['incorrect_scored']} |" if r
                 else " - | - |"))
         lines += ["", "**Does the premise hold at each cut?** Q1 - Q4 recovery (points) per cut; quartiles of teacher "
                   "perplexity over all incorrect rollouts (pooled) and within each level (the level moves both length "
                   "and perplexity); intervals resample problems with all their rollouts and cuts:", "",
                   "| build | quartiles | " + " | ".join(f"cut at {c}" for c in analysis.CUTS) + " |",
-                  "|---" * (2 + len(analysis.CUTS)) + "|"] if any(recs[reg].values()) else []
+                  "|---" * (2 + len(analysis.CUTS)) + "|"] if recovered else []
         for b, r in recs[reg].items():
             for where, name in (("pooled", "pooled"), ("within_level", "within level")):
                 if r:

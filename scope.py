@@ -348,8 +348,8 @@ class GumbelSampler:
         if self.gens is None:
             u = torch.rand_like(scores, dtype=torch.float64)
         else:                                                      # host generators, host noise
-            u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64,
-                                        device="cpu") for g in self.gens])
+            u = torch.stack([torch.rand(scores.shape[-1], device="cpu", generator=g,
+                                        dtype=torch.float64) for g in self.gens])  # (B, V)
         gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
         return scores + gumbel.to(scores.device, scores.dtype)     # (B, V)
 

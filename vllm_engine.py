@@ -329,9 +329,8 @@ class VLLMRollouts:
                     logp_sampler=[[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for _, c in done])
         rows.update(prompt_mask=[[1] * len(p) for p in rows["prompt_ids"]],
                     response_mask=[[1] * len(r) for r in rows["response_ids"]])
-        out = {k: pad_cat([torch.tensor([r], dtype=torch.float32 if k == "logp_sampler" else torch.long,
-                                                device="cpu")
-                                 # (B*n, P), (B*n, T)
-                                 for r in v], k, tokenizer.pad_token_id) for k, v in rows.items()}
+        dtype = {"logp_sampler": torch.float32}                   # the rest are ids and masks: long
+        out = {k: pad_cat([torch.tensor([r], device="cpu", dtype=dtype.get(k, torch.long)) for r in v], k,
+                          tokenizer.pad_token_id) for k, v in rows.items()}                # (B*n, P), (B*n, T)
         out["truncated"] = torch.tensor([c.finish_reason == "length" for _, c in done], device="cpu")
         return {k: v.to(device) for k, v in out.items()}
