@@ -95,8 +95,7 @@ def save_checkpoint(out, step, model, tokenizer, opt, args, rt):
 
 # Settings a resumed run may change: they do not change what the run computes.
 RESUMABLE = {"resume", "steps", "out_dir", "threads", "eval_every", "eval_problems", "eval_k", "save_every",
-             "cache_dir",
-             "micro_batch_tokens", "score_tokens", "rollout_tokens", "max_sampler_gap", "vllm_gpu_memory",
+             "cache_dir", "micro_batch_tokens", "score_tokens", "rollout_tokens", "max_sampler_gap", "vllm_gpu_memory",
              "gradient_checkpointing", "path_grad_norms", "memory_check", "recipe"}
 
 
